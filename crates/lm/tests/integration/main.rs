@@ -1,0 +1,3 @@
+//! optimsyn-lm integration tests: one binary, so libtorch is linked once.
+
+mod libtorch;

@@ -1,0 +1,240 @@
+//! Project tasks, run as `cargo xtask <task>`.
+//!
+//! Every task that builds Rust code first makes sure libtorch is installed: tch 0.26 needs
+//! PyTorch 2.13.0 exactly, which we take from the PyPI wheel (tch's own download host is not
+//! reachable from most build machines). The wheel goes into a Python virtual environment in a
+//! cache outside the checkout (`$OPTIMSYN_CACHE`, else `$XDG_CACHE_HOME/optimsyn`, else
+//! `~/.cache/optimsyn`), shared by every clone on the machine. The same environment holds the
+//! Python packages that tests call, so tests never depend on what a machine happens to have.
+//!
+//! Tasks:
+//! - `test [ARGS]`: the whole test suite (unit, integration, doc tests; benches in test mode).
+//! - `demo [ARGS]`: `optimsyn demo`, the embedded end-to-end run.
+//! - `bench [ARGS]`: criterion benchmarks.
+//! - `env`: shell `export` lines for running plain `cargo` with the same libtorch.
+//! - `bootstrap`: only install (idempotent).
+//! - `fixtures`: regenerate the committed parity fixtures with transformers (needs PyPI).
+
+use std::env;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// Pinned by tch 0.26.0 (torch-sys `TORCH_VERSION`).
+const TORCH_VERSION: &str = "2.13.0";
+
+fn main() -> ExitCode {
+    let mut args = env::args().skip(1);
+    let task = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let result = match task.as_str() {
+        "test" => test(&rest),
+        "demo" => demo(&rest),
+        "bench" => bench(&rest),
+        "env" => print_env(),
+        "bootstrap" => bootstrap().map(|b| {
+            eprintln!("libtorch: {}", b.libtorch.display());
+            eprintln!("python:   {}", b.python.display());
+        }),
+        "fixtures" => fixtures(&rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test|demo|bench|env|bootstrap|fixtures> [ARGS]\n\n\
+                 test       run the whole test suite (installs libtorch first)\n\
+                 demo       run `optimsyn demo` (installs libtorch first)\n\
+                 bench      run the criterion benchmarks (ARGS go to criterion, e.g. -- --quick)\n\
+                 env        print `export` lines to use plain cargo with the same libtorch\n\
+                 bootstrap  only install libtorch and the test Python packages\n\
+                 fixtures   regenerate parity fixtures with transformers (needs PyPI)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    // xtask lives one folder below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = env::var_os("OPTIMSYN_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("optimsyn"));
+    }
+    env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache").join("optimsyn"))
+        .ok_or_else(|| "set OPTIMSYN_CACHE (no HOME to put the libtorch cache under)".to_string())
+}
+
+/// What the build needs to find libtorch and the test Python.
+struct Bootstrap {
+    libtorch: PathBuf,
+    python: PathBuf,
+}
+
+impl Bootstrap {
+    fn envs(&self) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("LIBTORCH", self.libtorch.clone().into_os_string()),
+            ("OPTIMSYN_PYTHON", self.python.clone().into_os_string()),
+        ]
+    }
+}
+
+fn bootstrap() -> Result<Bootstrap> {
+    // A user-provided libtorch wins; tests that call Python then use OPTIMSYN_PYTHON or python3.
+    if let Some(lt) = env::var_os("LIBTORCH") {
+        let python = env::var_os("OPTIMSYN_PYTHON").unwrap_or_else(|| "python3".into());
+        return Ok(Bootstrap { libtorch: lt.into(), python: python.into() });
+    }
+    let requirements = root().join("python").join("requirements.txt");
+    let reqs = fs::read_to_string(&requirements)
+        .map_err(|e| format!("cannot read {}: {e}", requirements.display()))?;
+    let venv = cache_dir()?.join(format!("torch-{TORCH_VERSION}"));
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join(".optimsyn-installed");
+    let want = format!("{:016x}", fnv1a(reqs.as_bytes()));
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
+        eprintln!(
+            "optimsyn bootstrap: installing torch=={TORCH_VERSION} and the test Python packages \
+             into {} (once per machine, ~5 GB, a few minutes)",
+            venv.display()
+        );
+        if !python.exists() {
+            fs::create_dir_all(&venv).map_err(|e| format!("cannot create {}: {e}", venv.display()))?;
+            run(Command::new(python3()?).args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
+        }
+        pip_install(&python, &["-r".as_ref(), requirements.as_os_str()])?;
+        fs::write(&stamp, &want).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+    }
+    let libtorch = find_torch(&venv)?;
+    Ok(Bootstrap { libtorch, python })
+}
+
+fn python3() -> Result<PathBuf> {
+    for name in ["python3", "python"] {
+        if Command::new(name).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()) {
+            return Ok(name.into());
+        }
+    }
+    Err("no python3 on PATH: install Python 3.10+ (with venv and pip) to bootstrap libtorch".into())
+}
+
+fn pip_install(python: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = Command::new(python)
+        .args(["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    io::stderr().write_all(&out.stdout).ok();
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    let offline = ["NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
+        "ConnectTimeout", "ReadTimeout", "Max retries exceeded", "No matching distribution found"]
+    .iter()
+    .any(|m| err.contains(m));
+    if offline {
+        Err(format!(
+            "cannot reach the Python package index to install torch=={TORCH_VERSION}. \
+             Connect this machine to PyPI (or a mirror via PIP_INDEX_URL) and run again, or set \
+             LIBTORCH to an existing libtorch {TORCH_VERSION} folder (one with include/ and lib/)."
+        ))
+    } else {
+        Err(format!("pip install failed ({}); see its output above", out.status))
+    }
+}
+
+fn find_torch(venv: &Path) -> Result<PathBuf> {
+    let lib = venv.join("lib");
+    let entries = fs::read_dir(&lib).map_err(|e| format!("cannot list {}: {e}", lib.display()))?;
+    for entry in entries.flatten() {
+        let torch = entry.path().join("site-packages").join("torch");
+        if torch.join("lib").join("libtorch_cpu.so").exists() || torch.join("lib").join("libtorch_cpu.dylib").exists() {
+            return Ok(torch);
+        }
+    }
+    Err(format!("torch is not installed under {}; delete that folder and run again", venv.display()))
+}
+
+/// A stable, dependency-free hash for the install stamp.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().map_err(|e| format!("cannot start {what}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{what} failed ({status})")) }
+}
+
+fn cargo(b: &Bootstrap) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root()).envs(b.envs());
+    // torch-sys reruns on these; keeping them out makes every invocation see the same environment.
+    for v in ["LIBTORCH_USE_PYTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_LIB", "LIBTORCH_CXX11_ABI", "LIBTORCH_STATIC"] {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let b = bootstrap()?;
+    // One dev build serves everything: unit and integration tests, examples, and criterion benches
+    // run once each in test mode; then the doc tests.
+    run(cargo(&b).args(["test", "--workspace", "--all-targets"]).args(args), "cargo test")?;
+    run(cargo(&b).args(["test", "--workspace", "--doc"]).args(args), "cargo test --doc")
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    let b = bootstrap()?;
+    run(cargo(&b).args(["run", "--release", "--package", "optimsyn", "--", "demo"]).args(args), "optimsyn demo")
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let b = bootstrap()?;
+    run(cargo(&b).args(["bench", "--workspace"]).args(args), "cargo bench")
+}
+
+fn print_env() -> Result<()> {
+    let b = bootstrap()?;
+    for (k, v) in b.envs() {
+        println!("export {k}='{}'", v.to_string_lossy());
+    }
+    Ok(())
+}
+
+fn fixtures(args: &[String]) -> Result<()> {
+    let b = bootstrap()?;
+    let reqs = root().join("python").join("requirements-fixtures.txt");
+    pip_install(&b.python, &["-r".as_ref(), reqs.as_os_str()])?;
+    let dir = root().join("python").join("fixtures");
+    let mut scripts: Vec<PathBuf> = fs::read_dir(&dir)
+        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "py") && (args.is_empty() || args.iter().any(|a| p.to_string_lossy().contains(a.as_str()))))
+        .collect();
+    scripts.sort();
+    for s in scripts {
+        eprintln!("fixtures: {}", s.display());
+        run(Command::new(&b.python).arg(&s).current_dir(root()), &s.display().to_string())?;
+    }
+    Ok(())
+}
