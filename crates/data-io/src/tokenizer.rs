@@ -375,7 +375,7 @@ fn py_strip(s: &str) -> &str {
 }
 
 /// Finds each assistant message's text in the rendered conversation, in order, and extends it over
-/// the special tokens that immediately follow (the end-of-turn marker). Messages are searched from
+/// the special token that immediately follows (the end-of-turn marker). Messages are searched from
 /// where the previous one ended, so text repeated from an earlier message is not mistaken for it.
 fn locate_assistant_spans(text: &str, messages: &[ChatMessage], specials: &[String]) -> std::result::Result<Vec<Range<usize>>, String> {
     let mut cursor = 0;
@@ -401,21 +401,19 @@ fn locate_assistant_spans(text: &str, messages: &[ChatMessage], specials: &[Stri
             continue;
         };
         if m.role == Role::Assistant {
-            // A template that re-renders the reasoning (Qwen3's last turn) writes a `<think>` block
-            // before the answer; it belongs to the assistant turn too.
-            if answer.is_some() {
-                if let Some(p) = text[cursor..start].rfind("<think>") {
+            // A `<think>` block the template writes right before the answer (Qwen3 re-renders the
+            // reasoning, or an empty block, for turns after the last user query) is assistant
+            // output too.
+            let before = &text[cursor..start];
+            if before.trim_end().ends_with("</think>") {
+                if let Some(p) = before.rfind("<think>") {
                     start = cursor + p;
                 }
             }
-            'extend: loop {
-                for s in specials {
-                    if text[end..].starts_with(s.as_str()) {
-                        end += s.len();
-                        continue 'extend;
-                    }
-                }
-                break;
+            // One special token: the end-of-turn marker. The next one (Llama's `<|start_header_id|>`)
+            // already opens the following turn.
+            if let Some(s) = specials.iter().find(|s| text[end..].starts_with(s.as_str())) {
+                end += s.len();
             }
             spans.push(start..end);
         }

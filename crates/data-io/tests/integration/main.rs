@@ -1,1 +1,6 @@
-//! data-io integration tests.
+//! optimsyn-data-io integration tests (one binary).
+#![allow(clippy::unwrap_used)]
+
+mod chat_parity;
+mod jsonl_props;
+mod model_folder;
