@@ -65,7 +65,10 @@ type Result<T> = std::result::Result<T, String>;
 
 fn root() -> PathBuf {
     // xtask lives one folder below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn cache_dir() -> Result<PathBuf> {
@@ -99,7 +102,10 @@ fn bootstrap() -> Result<Bootstrap> {
     // A user-provided libtorch wins; tests that call Python then use OPTIMSYN_PYTHON or python3.
     if let Some(lt) = env::var_os("LIBTORCH") {
         let python = env::var_os("OPTIMSYN_PYTHON").unwrap_or_else(|| "python3".into());
-        return Ok(Bootstrap { libtorch: lt.into(), python: python.into() });
+        return Ok(Bootstrap {
+            libtorch: lt.into(),
+            python: python.into(),
+        });
     }
     let requirements = root().join("python").join("requirements.txt");
     let reqs = fs::read_to_string(&requirements)
@@ -115,8 +121,12 @@ fn bootstrap() -> Result<Bootstrap> {
             venv.display()
         );
         if !python.exists() {
-            fs::create_dir_all(&venv).map_err(|e| format!("cannot create {}: {e}", venv.display()))?;
-            run(Command::new(python3()?).args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
+            fs::create_dir_all(&venv)
+                .map_err(|e| format!("cannot create {}: {e}", venv.display()))?;
+            run(
+                Command::new(python3()?).args(["-m", "venv"]).arg(&venv),
+                "python3 -m venv",
+            )?;
         }
         pip_install(&python, &["-r".as_ref(), requirements.as_os_str()])?;
         fs::write(&stamp, &want).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
@@ -127,7 +137,12 @@ fn bootstrap() -> Result<Bootstrap> {
 
 fn python3() -> Result<PathBuf> {
     for name in ["python3", "python"] {
-        if Command::new(name).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()) {
+        if Command::new(name)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
             return Ok(name.into());
         }
     }
@@ -136,7 +151,14 @@ fn python3() -> Result<PathBuf> {
 
 fn pip_install(python: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
     let out = Command::new(python)
-        .args(["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+        ])
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -147,8 +169,15 @@ fn pip_install(python: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
     }
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}");
-    let offline = ["NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-        "ConnectTimeout", "ReadTimeout", "Max retries exceeded", "No matching distribution found"]
+    let offline = [
+        "NewConnectionError",
+        "Temporary failure in name resolution",
+        "Network is unreachable",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "Max retries exceeded",
+        "No matching distribution found",
+    ]
     .iter()
     .any(|m| err.contains(m));
     if offline {
@@ -158,7 +187,10 @@ fn pip_install(python: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
              LIBTORCH to an existing libtorch {TORCH_VERSION} folder (one with include/ and lib/)."
         ))
     } else {
-        Err(format!("pip install failed ({}); see its output above", out.status))
+        Err(format!(
+            "pip install failed ({}); see its output above",
+            out.status
+        ))
     }
 }
 
@@ -167,28 +199,47 @@ fn find_torch(venv: &Path) -> Result<PathBuf> {
     let entries = fs::read_dir(&lib).map_err(|e| format!("cannot list {}: {e}", lib.display()))?;
     for entry in entries.flatten() {
         let torch = entry.path().join("site-packages").join("torch");
-        if torch.join("lib").join("libtorch_cpu.so").exists() || torch.join("lib").join("libtorch_cpu.dylib").exists() {
+        if torch.join("lib").join("libtorch_cpu.so").exists()
+            || torch.join("lib").join("libtorch_cpu.dylib").exists()
+        {
             return Ok(torch);
         }
     }
-    Err(format!("torch is not installed under {}; delete that folder and run again", venv.display()))
+    Err(format!(
+        "torch is not installed under {}; delete that folder and run again",
+        venv.display()
+    ))
 }
 
 /// A stable, dependency-free hash for the install stamp.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().map_err(|e| format!("cannot start {what}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{what} failed ({status})")) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
 }
 
 fn cargo(b: &Bootstrap) -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root()).envs(b.envs());
     // torch-sys reruns on these; keeping them out makes every invocation see the same environment.
-    for v in ["LIBTORCH_USE_PYTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_LIB", "LIBTORCH_CXX11_ABI", "LIBTORCH_STATIC"] {
+    for v in [
+        "LIBTORCH_USE_PYTORCH",
+        "LIBTORCH_INCLUDE",
+        "LIBTORCH_LIB",
+        "LIBTORCH_CXX11_ABI",
+        "LIBTORCH_STATIC",
+    ] {
         cmd.env_remove(v);
     }
     cmd
@@ -198,18 +249,34 @@ fn test(args: &[String]) -> Result<()> {
     let b = bootstrap()?;
     // One dev build serves everything: unit and integration tests, examples, and criterion benches
     // run once each in test mode; then the doc tests.
-    run(cargo(&b).args(["test", "--workspace", "--all-targets"]).args(args), "cargo test")?;
-    run(cargo(&b).args(["test", "--workspace", "--doc"]).args(args), "cargo test --doc")
+    run(
+        cargo(&b)
+            .args(["test", "--workspace", "--all-targets"])
+            .args(args),
+        "cargo test",
+    )?;
+    run(
+        cargo(&b).args(["test", "--workspace", "--doc"]).args(args),
+        "cargo test --doc",
+    )
 }
 
 fn demo(args: &[String]) -> Result<()> {
     let b = bootstrap()?;
-    run(cargo(&b).args(["run", "--release", "--package", "optimsyn", "--", "demo"]).args(args), "optimsyn demo")
+    run(
+        cargo(&b)
+            .args(["run", "--release", "--package", "optimsyn", "--", "demo"])
+            .args(args),
+        "optimsyn demo",
+    )
 }
 
 fn bench(args: &[String]) -> Result<()> {
     let b = bootstrap()?;
-    run(cargo(&b).args(["bench", "--workspace"]).args(args), "cargo bench")
+    run(
+        cargo(&b).args(["bench", "--workspace"]).args(args),
+        "cargo bench",
+    )
 }
 
 fn print_env() -> Result<()> {
@@ -229,12 +296,21 @@ fn fixtures(args: &[String]) -> Result<()> {
         .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "py") && (args.is_empty() || args.iter().any(|a| p.to_string_lossy().contains(a.as_str()))))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "py")
+                && (args.is_empty()
+                    || args
+                        .iter()
+                        .any(|a| p.to_string_lossy().contains(a.as_str())))
+        })
         .collect();
     scripts.sort();
     for s in scripts {
         eprintln!("fixtures: {}", s.display());
-        run(Command::new(&b.python).arg(&s).current_dir(root()), &s.display().to_string())?;
+        run(
+            Command::new(&b.python).arg(&s).current_dir(root()),
+            &s.display().to_string(),
+        )?;
     }
     Ok(())
 }

@@ -65,10 +65,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Invalid { path: path.into(), message: message.into() }
+        Error::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }

@@ -172,7 +172,11 @@ impl ModelConfig {
         let de = &mut serde_json::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let p = e.path().to_string();
-            if p == "." { e.inner().to_string() } else { format!("field `{p}`: {}", e.inner()) }
+            if p == "." {
+                e.inner().to_string()
+            } else {
+                format!("field `{p}`: {}", e.inner())
+            }
         })?;
         Self::from_raw(raw)
     }
@@ -224,7 +228,7 @@ impl ModelConfig {
             (Architecture::Qwen2 | Architecture::Qwen3, None) => 32,
             (Architecture::Llama, None) => num_attention_heads,
         };
-        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(format!(
                 "field `num_key_value_heads`: {num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
             ));
@@ -233,7 +237,7 @@ impl ModelConfig {
             (_, Some(h)) => h,
             (Architecture::Qwen3, None) => 128,
             _ => {
-                if hidden_size % num_attention_heads != 0 {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(format!(
                         "field `head_dim` is missing and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"
                     ));
@@ -242,10 +246,14 @@ impl ModelConfig {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(format!("field `head_dim`: RoPE needs an even, positive head_dim, got {head_dim}"));
+            return Err(format!(
+                "field `head_dim`: RoPE needs an even, positive head_dim, got {head_dim}"
+            ));
         }
         if raw.use_sliding_window == Some(true) {
-            return Err("field `use_sliding_window`: sliding-window attention is not supported".into());
+            return Err(
+                "field `use_sliding_window`: sliding-window attention is not supported".into(),
+            );
         }
         let (rope_theta, rope_scaling) = rope(&raw, d.rope_theta)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -280,11 +288,89 @@ impl ModelConfig {
     }
 }
 
-fn num(v: &Value, key: &str, field: &str) -> std::result::Result<f64, String> {
-    v.get(key).and_then(Value::as_f64).ok_or_else(|| format!("field `{field}.{key}` is missing or not a number"))
+impl ModelConfig {
+    /// The `config.json` transformers writes for this configuration (legacy `rope_theta` /
+    /// `rope_scaling` keys, which transformers 4 and 5 both read), so a model saved from it loads
+    /// with `AutoModelForCausalLM.from_pretrained`.
+    pub fn to_hf_json(&self) -> Value {
+        let class = match self.architecture {
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Llama => "LlamaForCausalLM",
+        };
+        let rope_scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings})
+            }
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => Value::from(*one),
+            many => Value::from(many.to_vec()),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [class],
+            "model_type": self.architecture.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "dtype": self.dtype.clone().unwrap_or_else(|| "float32".into()),
+        });
+        if let Some(obj) = v.as_object_mut() {
+            match self.architecture {
+                Architecture::Qwen2 => {
+                    obj.insert("use_sliding_window".into(), false.into());
+                }
+                Architecture::Qwen3 => {
+                    obj.insert("attention_bias".into(), self.qkv_bias.into());
+                    obj.insert("use_sliding_window".into(), false.into());
+                }
+                Architecture::Llama => {
+                    obj.insert("attention_bias".into(), self.qkv_bias.into());
+                    obj.insert("mlp_bias".into(), self.mlp_bias.into());
+                }
+            }
+        }
+        v
+    }
 }
 
-fn rope(raw: &RawConfig, default_theta: f64) -> std::result::Result<(f64, Option<RopeScaling>), String> {
+fn num(v: &Value, key: &str, field: &str) -> std::result::Result<f64, String> {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| format!("field `{field}.{key}` is missing or not a number"))
+}
+
+fn rope(
+    raw: &RawConfig,
+    default_theta: f64,
+) -> std::result::Result<(f64, Option<RopeScaling>), String> {
     // transformers 5 moved both the base and the scaling into `rope_parameters`.
     let (params, field) = match (&raw.rope_parameters, &raw.rope_scaling) {
         (Some(p), _) if !p.is_null() => (Some(p), "rope_parameters"),
@@ -296,16 +382,25 @@ fn rope(raw: &RawConfig, default_theta: f64) -> std::result::Result<(f64, Option
         .and_then(Value::as_f64)
         .or(raw.rope_theta)
         .unwrap_or(default_theta);
-    let Some(p) = params else { return Ok((theta, None)) };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let Some(p) = params else {
+        return Ok((theta, None));
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let scaling = match kind {
         "default" => None,
-        "linear" => Some(RopeScaling::Linear { factor: num(p, "factor", field)? }),
+        "linear" => Some(RopeScaling::Linear {
+            factor: num(p, "factor", field)?,
+        }),
         "llama3" => Some(RopeScaling::Llama3 {
             factor: num(p, "factor", field)?,
             low_freq_factor: num(p, "low_freq_factor", field)?,
             high_freq_factor: num(p, "high_freq_factor", field)?,
-            original_max_position_embeddings: num(p, "original_max_position_embeddings", field)? as usize,
+            original_max_position_embeddings: num(p, "original_max_position_embeddings", field)?
+                as usize,
         }),
         other => {
             return Err(format!(
@@ -404,15 +499,20 @@ impl SafetensorsHeader {
         let mut f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut n = [0u8; 8];
-        f.read_exact(&mut n).map_err(|_| Error::invalid(path, "truncated safetensors file: no header length"))?;
+        f.read_exact(&mut n)
+            .map_err(|_| Error::invalid(path, "truncated safetensors file: no header length"))?;
         let n = u64::from_le_bytes(n);
         if n > MAX_HEADER || 8 + n > file_len {
-            return Err(Error::invalid(path, format!("bad safetensors header length {n} (file has {file_len} bytes)")));
+            return Err(Error::invalid(
+                path,
+                format!("bad safetensors header length {n} (file has {file_len} bytes)"),
+            ));
         }
         let mut buf = vec![0u8; n as usize];
         f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
-        let raw: BTreeMap<String, Value> = serde_json::from_slice(&buf)
-            .map_err(|e| Error::invalid(path, format!("safetensors header is not valid JSON: {e}")))?;
+        let raw: BTreeMap<String, Value> = serde_json::from_slice(&buf).map_err(|e| {
+            Error::invalid(path, format!("safetensors header is not valid JSON: {e}"))
+        })?;
         let data_start = 8 + n as usize;
         let data_len = (file_len - 8 - n) as usize;
         let mut tensors = BTreeMap::new();
@@ -425,25 +525,38 @@ impl SafetensorsHeader {
             }
             let info: TensorInfo = serde_json::from_value(v)
                 .map_err(|e| Error::invalid(path, format!("tensor `{name}`: {e}")))?;
-            let elem = dtype_size(&info.dtype)
-                .ok_or_else(|| Error::invalid(path, format!("tensor `{name}`: unsupported dtype {}", info.dtype)))?;
+            let elem = dtype_size(&info.dtype).ok_or_else(|| {
+                Error::invalid(
+                    path,
+                    format!("tensor `{name}`: unsupported dtype {}", info.dtype),
+                )
+            })?;
             let (start, end) = info.data_offsets;
             let count: usize = info.shape.iter().product();
             if end < start || end - start != count * elem {
                 return Err(Error::invalid(
                     path,
-                    format!("tensor `{name}`: byte range {start}..{end} does not fit shape {:?} of {}", info.shape, info.dtype),
+                    format!(
+                        "tensor `{name}`: byte range {start}..{end} does not fit shape {:?} of {}",
+                        info.shape, info.dtype
+                    ),
                 ));
             }
             if end > data_len {
                 return Err(Error::invalid(
                     path,
-                    format!("truncated file: tensor `{name}` ends at byte {end} of a {data_len}-byte data section"),
+                    format!(
+                        "truncated file: tensor `{name}` ends at byte {end} of a {data_len}-byte data section"
+                    ),
                 ));
             }
             tensors.insert(name, info);
         }
-        Ok(SafetensorsHeader { tensors, metadata, data_start })
+        Ok(SafetensorsHeader {
+            tensors,
+            metadata,
+            data_start,
+        })
     }
 }
 
@@ -477,13 +590,25 @@ impl ModelFolder {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(Error::invalid(&dir, "not a model folder (no such directory)"));
+            return Err(Error::invalid(
+                &dir,
+                "not a model folder (no such directory)",
+            ));
         }
         let config = ModelConfig::from_file(dir.join("config.json"))?;
         let gen_path = dir.join("generation_config.json");
-        let generation = if gen_path.exists() { Some(GenerationConfig::from_file(&gen_path)?) } else { None };
+        let generation = if gen_path.exists() {
+            Some(GenerationConfig::from_file(&gen_path)?)
+        } else {
+            None
+        };
         let weight_map = Self::weight_map(&dir)?;
-        Ok(ModelFolder { dir, config, generation, weight_map })
+        Ok(ModelFolder {
+            dir,
+            config,
+            generation,
+            weight_map,
+        })
     }
 
     /// Tensor name → file, from the shard index or the single weights file.
@@ -502,16 +627,26 @@ impl ModelFolder {
             for (name, file) in idx.weight_map {
                 let p = dir.join(&file);
                 if !p.exists() {
-                    return Err(Error::invalid(&index, format!("tensor `{name}` is in shard {file}, which is missing")));
+                    return Err(Error::invalid(
+                        &index,
+                        format!("tensor `{name}` is in shard {file}, which is missing"),
+                    ));
                 }
                 map.insert(name, p);
             }
             Ok(map)
         } else if single.exists() {
             let header = SafetensorsHeader::read(&single)?;
-            Ok(header.tensors.into_keys().map(|k| (k, single.clone())).collect())
+            Ok(header
+                .tensors
+                .into_keys()
+                .map(|k| (k, single.clone()))
+                .collect())
         } else {
-            Err(Error::invalid(dir, "no model.safetensors or model.safetensors.index.json"))
+            Err(Error::invalid(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ))
         }
     }
 
@@ -530,6 +665,32 @@ impl ModelFolder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hf_json_round_trips_every_architecture() {
+        let cases = [
+            r#"{"model_type":"qwen3","hidden_size":64,"num_attention_heads":4,"num_key_value_heads":2,
+                "head_dim":32,"tie_word_embeddings":true,"eos_token_id":[2,3],"rope_theta":1000000.0}"#,
+            r#"{"model_type":"qwen2","hidden_size":48,"num_attention_heads":6,"num_key_value_heads":2,
+                "intermediate_size":96,"num_hidden_layers":3,"bos_token_id":1,"eos_token_id":2,"vocab_size":99}"#,
+            r#"{"model_type":"llama","hidden_size":32,"num_attention_heads":4,"mlp_bias":true,"attention_bias":true,
+                "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+                "original_max_position_embeddings":64},"max_position_embeddings":512}"#,
+        ];
+        for text in cases {
+            let c = ModelConfig::from_json_str(text).unwrap();
+            let again = ModelConfig::from_json_str(&c.to_hf_json().to_string()).unwrap();
+            assert_eq!(again.dtype.as_deref(), Some("float32"));
+            assert_eq!(
+                ModelConfig {
+                    dtype: c.dtype.clone(),
+                    ..again
+                },
+                c,
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn qwen3_defaults_and_tied_embeddings() {
@@ -560,7 +721,9 @@ mod tests {
         assert_eq!(a.rope_theta, 500000.0);
         assert_eq!(a.head_dim, 16);
         assert_eq!(a.num_key_value_heads, 4);
-        assert!(matches!(a.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+        assert!(
+            matches!(a.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
+        );
     }
 
     #[test]
@@ -568,15 +731,23 @@ mod tests {
         let c = ModelConfig::from_json_str(r#"{"model_type":"qwen2","hidden_size":64,"num_attention_heads":4,"num_key_value_heads":4}"#)
             .unwrap();
         assert!(c.qkv_bias && !c.o_bias);
-        let e = ModelConfig::from_json_str(r#"{"model_type":"qwen2","hidden_size":"big"}"#).unwrap_err();
+        let e = ModelConfig::from_json_str(r#"{"model_type":"qwen2","hidden_size":"big"}"#)
+            .unwrap_err();
         assert!(e.contains("hidden_size"), "{e}");
         let e = ModelConfig::from_json_str(r#"{"model_type":"gpt2"}"#).unwrap_err();
         assert!(e.contains("gpt2"), "{e}");
-        let e = ModelConfig::from_json_str(r#"{"model_type":"llama","num_attention_heads":6,"num_key_value_heads":4}"#)
-            .unwrap_err();
+        let e = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","num_attention_heads":6,"num_key_value_heads":4}"#,
+        )
+        .unwrap_err();
         assert!(e.contains("num_key_value_heads"), "{e}");
-        let e = ModelConfig::from_json_str(r#"{"model_type":"llama","rope_scaling":{"type":"yarn","factor":2.0}}"#)
-            .unwrap_err();
-        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        let e = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","rope_scaling":{"type":"yarn","factor":2.0}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 }

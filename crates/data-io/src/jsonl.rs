@@ -127,7 +127,11 @@ impl<T> JsonlReader<T> {
     }
 
     fn row_error(&self, message: String) -> Error {
-        Error::Row { path: self.path.clone(), line: self.line, message }
+        Error::Row {
+            path: self.path.clone(),
+            line: self.line,
+            message,
+        }
     }
 }
 
@@ -168,7 +172,9 @@ impl<T> Iterator for JsonlReader<T> {
                     let msg = if complete {
                         msg
                     } else {
-                        format!("truncated last line (no newline at end of file; cut off mid-write?): {msg}")
+                        format!(
+                            "truncated last line (no newline at end of file; cut off mid-write?): {msg}"
+                        )
                     };
                     let err = self.row_error(msg);
                     if !self.skip_invalid {
@@ -206,7 +212,14 @@ impl JsonlWriter {
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(JsonlWriter { path, file, existing: 0, written: 0, repaired: 0, line: Vec::new() })
+        Ok(JsonlWriter {
+            path,
+            file,
+            existing: 0,
+            written: 0,
+            repaired: 0,
+            line: Vec::new(),
+        })
     }
 
     /// Opens `path` for appending, creating it if needed. A partial last line (a crash mid-write) is
@@ -220,13 +233,22 @@ impl JsonlWriter {
             .create(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let (complete_len, lines) = scan_complete_lines(&mut file).map_err(|e| Error::io(&path, e))?;
+        let (complete_len, lines) =
+            scan_complete_lines(&mut file).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if complete_len < len {
-            file.set_len(complete_len).map_err(|e| Error::io(&path, e))?;
+            file.set_len(complete_len)
+                .map_err(|e| Error::io(&path, e))?;
             file.sync_data().map_err(|e| Error::io(&path, e))?;
         }
-        Ok(JsonlWriter { path, file, existing: lines, written: 0, repaired: len - complete_len, line: Vec::new() })
+        Ok(JsonlWriter {
+            path,
+            file,
+            existing: lines,
+            written: 0,
+            repaired: len - complete_len,
+            line: Vec::new(),
+        })
     }
 
     /// Complete non-blank rows that were already in the file when it was opened.
@@ -252,10 +274,16 @@ impl JsonlWriter {
     /// Serializes `row` as one line and writes it with a single write.
     pub fn write<T: Serialize + ?Sized>(&mut self, row: &T) -> Result<()> {
         self.line.clear();
-        serde_json::to_writer(&mut self.line, row)
-            .map_err(|e| Error::invalid(&self.path, format!("row {} cannot be serialized: {e}", self.written + 1)))?;
+        serde_json::to_writer(&mut self.line, row).map_err(|e| {
+            Error::invalid(
+                &self.path,
+                format!("row {} cannot be serialized: {e}", self.written + 1),
+            )
+        })?;
         self.line.push(b'\n');
-        self.file.write_all(&self.line).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .write_all(&self.line)
+            .map_err(|e| Error::io(&self.path, e))?;
         self.written += 1;
         Ok(())
     }
@@ -290,7 +318,10 @@ fn scan_complete_lines(file: &mut File) -> std::io::Result<(u64, u64)> {
 /// reader sees either the old file or the complete new one.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let path = path.as_ref();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
@@ -308,7 +339,9 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 pub fn read_file(path: impl AsRef<Path>) -> Result<Vec<u8>> {
     let path = path.as_ref();
     let mut out = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut out)).map_err(|e| Error::io(path, e))?;
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut out))
+        .map_err(|e| Error::io(path, e))?;
     Ok(out)
 }
 
@@ -326,7 +359,12 @@ mod tests {
         w.write(&ChatExample::qa("c", "d")).unwrap();
         drop(w);
         // a crash mid-row
-        OpenOptions::new().append(true).open(&p).unwrap().write_all(b"{\"messages\": [{\"ro").unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"{\"messages\": [{\"ro")
+            .unwrap();
         let mut w = JsonlWriter::append(&p).unwrap();
         assert_eq!(w.existing_rows(), 2);
         assert_eq!(w.repaired_bytes(), 18);
@@ -349,13 +387,26 @@ mod tests {
         let e = read_jsonl::<ChatExample>(&p).unwrap_err().to_string();
         assert!(e.contains("bad.jsonl:3: field `messages[0].role`"), "{e}");
         assert!(e.contains("tool"), "{e}");
-        fs::write(&p, "{\"messages\": []}\n{\"messages\": [{\"role\": \"user\", \"conte").unwrap();
+        fs::write(
+            &p,
+            "{\"messages\": []}\n{\"messages\": [{\"role\": \"user\", \"conte",
+        )
+        .unwrap();
         let e = read_jsonl::<ChatExample>(&p).unwrap_err().to_string();
         assert!(e.contains("bad.jsonl:2: truncated last line"), "{e}");
-        fs::write(&p, "{\"messages\": [{\"role\": \"user\", \"content\": 5}]}\n").unwrap();
+        fs::write(
+            &p,
+            "{\"messages\": [{\"role\": \"user\", \"content\": 5}]}\n",
+        )
+        .unwrap();
         let e = read_jsonl::<ChatExample>(&p).unwrap_err().to_string();
-        assert!(e.contains(":1: field `messages[0].content`: invalid type: integer `5`"), "{e}");
-        let e = read_jsonl::<ChatExample>(dir.path().join("missing.jsonl")).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: field `messages[0].content`: invalid type: integer `5`"),
+            "{e}"
+        );
+        let e = read_jsonl::<ChatExample>(dir.path().join("missing.jsonl"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.jsonl"), "{e}");
     }
 

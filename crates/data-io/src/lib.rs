@@ -24,9 +24,14 @@ pub mod template;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use hf::{Architecture, GenerationConfig, ModelConfig, ModelFolder, RopeScaling, SafetensorsHeader, TensorInfo};
+pub use hf::{
+    Architecture, GenerationConfig, ModelConfig, ModelFolder, RopeScaling, SafetensorsHeader,
+    TensorInfo,
+};
 pub use jsonl::{JsonlReader, JsonlWriter, ReadStats, read_jsonl, write_atomic};
-pub use rows::{ChatExample, ChatMessage, Provenance, Role, SamplingParams, SeedDoc, SyntheticSample};
+pub use rows::{
+    ChatExample, ChatMessage, Provenance, Role, SamplingParams, SeedDoc, SyntheticSample,
+};
 pub use template::{ChatTemplate, Rendered};
 pub use tokenizer::{ChatFormat, ChatTokenizer, EncodedExample};
 
@@ -35,6 +40,8 @@ pub use tokenizer::{ChatFormat, ChatTokenizer, EncodedExample};
 pub fn file_hash(path: impl AsRef<std::path::Path>) -> Result<String> {
     let path = path.as_ref();
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(std::fs::File::open(path).map_err(|e| Error::io(path, e))?).map_err(|e| Error::io(path, e))?;
+    hasher
+        .update_reader(std::fs::File::open(path).map_err(|e| Error::io(path, e))?)
+        .map_err(|e| Error::io(path, e))?;
     Ok(hasher.finalize().to_hex().to_string())
 }

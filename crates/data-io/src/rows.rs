@@ -38,7 +38,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message of any role.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: content.into() }
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
     }
     /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
@@ -59,7 +62,11 @@ impl ChatMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatExample {
     /// Optional identifier (numbers in the input are read as their decimal text).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "opt_id")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_id"
+    )]
     pub id: Option<String>,
     /// The turns, in order.
     pub messages: Vec<ChatMessage>,
@@ -105,9 +112,13 @@ impl SeedDoc {
     /// Builds a document from a JSON row whose text lives in `text_field` (the paper's medical corpus
     /// uses `clean_text`). The error names the missing or mistyped field.
     pub fn from_value(mut row: Value, text_field: &str) -> Result<Self, String> {
-        let obj = row.as_object_mut().ok_or_else(|| "row is not a JSON object".to_string())?;
+        let obj = row
+            .as_object_mut()
+            .ok_or_else(|| "row is not a JSON object".to_string())?;
         if text_field != "text" {
-            let text = obj.remove(text_field).ok_or_else(|| format!("missing field `{text_field}`"))?;
+            let text = obj
+                .remove(text_field)
+                .ok_or_else(|| format!("missing field `{text_field}`"))?;
             obj.insert("text".into(), text);
         }
         serde_path_to_error::deserialize(row).map_err(|e| match e.path().to_string().as_str() {
@@ -203,14 +214,19 @@ mod tests {
 
     #[test]
     fn seed_doc_with_custom_text_field_keeps_extras() {
-        let row = serde_json::json!({"id": 7, "clean_text": "Aspirin inhibits COX.", "source": "pubmed"});
+        let row =
+            serde_json::json!({"id": 7, "clean_text": "Aspirin inhibits COX.", "source": "pubmed"});
         let d = SeedDoc::from_value(row, "clean_text").unwrap();
         assert_eq!(d.id, "7");
         assert_eq!(d.text, "Aspirin inhibits COX.");
         assert_eq!(d.extra["source"], "pubmed");
         let e = SeedDoc::from_value(serde_json::json!({"id": "a"}), "clean_text").unwrap_err();
         assert!(e.contains("clean_text"), "{e}");
-        let e = SeedDoc::from_value(serde_json::json!({"id": "a", "clean_text": 3}), "clean_text").unwrap_err();
+        let e = SeedDoc::from_value(
+            serde_json::json!({"id": "a", "clean_text": 3}),
+            "clean_text",
+        )
+        .unwrap_err();
         assert!(e.contains("clean_text"), "{e}");
     }
 
@@ -218,7 +234,11 @@ mod tests {
     fn synthetic_sample_reads_as_chat_example() {
         let s = SyntheticSample {
             example: ChatExample::qa("Q?", "A."),
-            provenance: Provenance { seed_id: "d1".into(), valid: true, ..Default::default() },
+            provenance: Provenance {
+                seed_id: "d1".into(),
+                valid: true,
+                ..Default::default()
+            },
             influence: Some(0.25),
             reward: None,
         };

@@ -33,7 +33,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("origin", &self.origin).finish_non_exhaustive()
+        f.debug_struct("ChatTemplate")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,17 +52,27 @@ impl ChatTemplate {
     /// Compiles `source`; `origin` names it in errors (a file path, or `tokenizer_config.json`).
     pub fn new(source: &str, origin: impl Into<String>) -> Result<Self> {
         let origin = origin.into();
-        let tag = regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}").map_err(|e| Error::Template {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
+        let tag =
+            regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}").map_err(|e| {
+                Error::Template {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                }
+            })?;
         let has_generation_tags = tag.is_match(source);
         // `{%L generation R%}` becomes `{%L if true %}{{ OPEN }}{% endif R%}`: the outer tags keep the
         // original whitespace control, the inner ones touch no template data.
         let source = tag
             .replace_all(source, |c: &regex::Captures<'_>| {
-                let mark = if c.get(2).is_some() { GEN_CLOSE } else { GEN_OPEN };
-                format!("{{%{} if true %}}{{{{ \"{mark}\" }}}}{{% endif {}%}}", &c[1], &c[3])
+                let mark = if c.get(2).is_some() {
+                    GEN_CLOSE
+                } else {
+                    GEN_OPEN
+                };
+                format!(
+                    "{{%{} if true %}}{{{{ \"{mark}\" }}}}{{% endif {}%}}",
+                    &c[1], &c[3]
+                )
             })
             .into_owned();
         let mut env = Environment::new();
@@ -71,13 +83,23 @@ impl ChatTemplate {
             .map_err(|e| template_err(&origin, e))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| {
+            chrono::Local::now().format(&fmt).to_string()
         });
-        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source).map_err(|e| template_err(&origin, e))?;
-        Ok(ChatTemplate { env, origin, has_generation_tags })
+        env.add_template_owned("chat", source)
+            .map_err(|e| template_err(&origin, e))?;
+        Ok(ChatTemplate {
+            env,
+            origin,
+            has_generation_tags,
+        })
     }
 
     /// Whether the template marks assistant text with `{% generation %}` blocks.
@@ -110,17 +132,28 @@ impl ChatTemplate {
         ctx.insert("messages".into(), Json::Array(msgs));
         ctx.insert("tools".into(), Json::Null);
         ctx.insert("documents".into(), Json::Null);
-        ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(add_generation_prompt),
+        );
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
-        let tmpl = self.env.get_template("chat").map_err(|e| template_err(&self.origin, e))?;
-        let raw = tmpl.render(Value::from(Serde(Json::Object(ctx)))).map_err(|e| template_err(&self.origin, e))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| template_err(&self.origin, e))?;
+        let raw = tmpl
+            .render(Value::from(Serde(Json::Object(ctx))))
+            .map_err(|e| template_err(&self.origin, e))?;
         if !self.has_generation_tags {
             if raw.contains([GEN_OPEN, GEN_CLOSE]) {
                 return Err(self.reserved());
             }
-            return Ok(Rendered { text: raw, generation_spans: Vec::new() });
+            return Ok(Rendered {
+                text: raw,
+                generation_spans: Vec::new(),
+            });
         }
         let mut text = String::with_capacity(raw.len());
         let mut spans = Vec::new();
@@ -138,13 +171,17 @@ impl ChatTemplate {
                 c => text.push(c),
             }
         }
-        Ok(Rendered { text, generation_spans: spans })
+        Ok(Rendered {
+            text,
+            generation_spans: spans,
+        })
     }
 
     fn reserved(&self) -> Error {
         Error::Template {
             origin: self.origin.clone(),
-            message: "the conversation contains U+10FFFC/U+10FFFD, which mark generation blocks".into(),
+            message: "the conversation contains U+10FFFC/U+10FFFD, which mark generation blocks"
+                .into(),
         }
     }
 }
@@ -156,7 +193,10 @@ fn template_err(origin: &str, e: minijinja::Error) -> Error {
         let _ = write!(message, ": {s}");
         source = s.source();
     }
-    Error::Template { origin: origin.to_string(), message }
+    Error::Template {
+        origin: origin.to_string(),
+        message,
+    }
 }
 
 /// `tojson` as transformers defines it: Python's `json.dumps(x, ensure_ascii=False, indent=indent,
@@ -171,11 +211,22 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let (item, key) = match separators.as_deref() {
         Some([a, b]) => (a.clone(), b.clone()),
-        Some(_) => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
+        Some(_) => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            ));
+        }
         None if indent.is_some() => (",".into(), ": ".into()),
         None => (", ".into(), ": ".into()),
     };
-    let style = PyJson { indent, item, key, sort_keys: sort_keys.unwrap_or(false), ascii: ensure_ascii.unwrap_or(false) };
+    let style = PyJson {
+        indent,
+        item,
+        key,
+        sort_keys: sort_keys.unwrap_or(false),
+        ascii: ensure_ascii.unwrap_or(false),
+    };
     let mut out = String::new();
     style.dump(&json, 0, &mut out);
     Ok(Value::from_safe_string(out))
@@ -267,7 +318,10 @@ mod tests {
     use super::*;
 
     fn render(src: &str, msgs: &[ChatMessage], gen_prompt: bool) -> Rendered {
-        ChatTemplate::new(src, "test").unwrap().render(msgs, gen_prompt, &[], &Map::new()).unwrap()
+        ChatTemplate::new(src, "test")
+            .unwrap()
+            .render(msgs, gen_prompt, &[], &Map::new())
+            .unwrap()
     }
 
     #[test]
@@ -284,9 +338,15 @@ mod tests {
     #[test]
     fn python_methods_tojson_and_raise_exception() {
         let src = "{{ messages[0].content.strip().split(' ')|tojson }}|{{ {'b': 1, 'a': [1, 2]}|tojson(indent=2) }}|{{ messages[::-1][0].role }}";
-        let msgs = [ChatMessage::user("  a \"b\" é "), ChatMessage::assistant("x")];
+        let msgs = [
+            ChatMessage::user("  a \"b\" é "),
+            ChatMessage::assistant("x"),
+        ];
         let r = render(src, &msgs, false);
-        assert_eq!(r.text, "[\"a\", \"\\\"b\\\"\", \"é\"]|{\n  \"b\": 1,\n  \"a\": [\n    1,\n    2\n  ]\n}|assistant");
+        assert_eq!(
+            r.text,
+            "[\"a\", \"\\\"b\\\"\", \"é\"]|{\n  \"b\": 1,\n  \"a\": [\n    1,\n    2\n  ]\n}|assistant"
+        );
         let e = ChatTemplate::new("{{ raise_exception('no system role') }}", "t")
             .unwrap()
             .render(&msgs, false, &[], &Map::new())

@@ -40,7 +40,9 @@ impl std::str::FromStr for ChatFormat {
         match s {
             "chat-template" => Ok(ChatFormat::ChatTemplate),
             "tulu" => Ok(ChatFormat::Tulu),
-            other => Err(format!("unknown format `{other}` (expected chat-template or tulu)")),
+            other => Err(format!(
+                "unknown format `{other}` (expected chat-template or tulu)"
+            )),
         }
     }
 }
@@ -84,7 +86,15 @@ struct NamedTemplate {
     template: String,
 }
 
-const SPECIAL_KEYS: [&str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+const SPECIAL_KEYS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 /// A Hugging Face tokenizer with its special tokens and chat template.
 pub struct ChatTokenizer {
@@ -108,7 +118,9 @@ impl std::fmt::Debug for ChatTokenizer {
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
     match fs::read_to_string(path) {
-        Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| Error::invalid(path, format!("invalid JSON: {e}"))),
+        Ok(t) => serde_json::from_str(&t)
+            .map(Some)
+            .map_err(|e| Error::invalid(path, format!("invalid JSON: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
@@ -124,10 +136,15 @@ impl ChatTokenizer {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::Tokenizer { path, message: "missing (the model folder has no tokenizer.json)".into() });
+            return Err(Error::Tokenizer {
+                path,
+                message: "missing (the model folder has no tokenizer.json)".into(),
+            });
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = read_json(&cfg_path)?.unwrap_or(Value::Object(Map::new()));
         let mut specials = Vec::new();
@@ -153,7 +170,14 @@ impl ChatTokenizer {
             .collect();
         // Longest first, so `<|im_end|>` is preferred over a shorter special that prefixes it.
         special_texts.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        let mut me = ChatTokenizer { tokenizer, path, specials, template, special_texts, eos_ids: Vec::new() };
+        let mut me = ChatTokenizer {
+            tokenizer,
+            path,
+            specials,
+            template,
+            special_texts,
+            eos_ids: Vec::new(),
+        };
         me.eos_ids = me.collect_eos(dir)?;
         Ok(me)
     }
@@ -170,7 +194,9 @@ impl ChatTokenizer {
         } else {
             (cfg.get("chat_template").cloned(), cfg_path.to_path_buf())
         };
-        let Some(spec) = spec.filter(|v| !v.is_null()) else { return Ok(None) };
+        let Some(spec) = spec.filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
         let spec: TemplateSpec = serde_json::from_value(spec)
             .map_err(|e| Error::invalid(&origin, format!("field `chat_template`: {e}")))?;
         let src = match spec {
@@ -193,14 +219,20 @@ impl ChatTokenizer {
                 ids.push(id);
             }
         };
-        if let Some(id) = self.special("eos_token").and_then(|t| self.tokenizer.token_to_id(t)) {
+        if let Some(id) = self
+            .special("eos_token")
+            .and_then(|t| self.tokenizer.token_to_id(t))
+        {
             push(id);
         }
         for file in ["config.json", "generation_config.json"] {
             let v = read_json(&dir.join(file))?.and_then(|v| v.get("eos_token_id").cloned());
             match v {
                 Some(Value::Number(n)) => n.as_u64().into_iter().for_each(|i| push(i as u32)),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).for_each(|i| push(i as u32)),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .for_each(|i| push(i as u32)),
                 _ => {}
             }
         }
@@ -214,7 +246,10 @@ impl ChatTokenizer {
 
     /// A special token's text by its `tokenizer_config.json` key (`"eos_token"`, `"pad_token"`, …).
     pub fn special(&self, key: &str) -> Option<&str> {
-        self.specials.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.specials
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The id of a token's text, if it is in the vocabulary.
@@ -229,7 +264,9 @@ impl ChatTokenizer {
 
     /// The padding id: `pad_token`, else the first stop id.
     pub fn pad_token_id(&self) -> Option<u32> {
-        self.special("pad_token").and_then(|t| self.token_to_id(t)).or_else(|| self.eos_ids.first().copied())
+        self.special("pad_token")
+            .and_then(|t| self.token_to_id(t))
+            .or_else(|| self.eos_ids.first().copied())
     }
 
     /// The chat template, if the folder has one.
@@ -238,22 +275,37 @@ impl ChatTokenizer {
     }
 
     fn tok_err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Tokenizer { path: self.path.clone(), message: e.to_string() }
+        Error::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
 
     /// Encodes raw text as transformers' `tokenizer(text)` does (the post-processor may add BOS).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, true).map_err(|e| self.tok_err(e))?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| self.tok_err(e))?
+            .get_ids()
+            .to_vec())
     }
 
     /// Encodes already-rendered text without adding special tokens (the template wrote them).
     pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| self.tok_err(e))?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| self.tok_err(e))?
+            .get_ids()
+            .to_vec())
     }
 
     /// Decodes ids to text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| self.tok_err(e))
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.tok_err(e))
     }
 
     fn template(&self) -> Result<&ChatTemplate> {
@@ -264,8 +316,13 @@ impl ChatTokenizer {
     }
 
     /// Renders a conversation with the chat template.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        self.render_chat_with(messages, add_generation_prompt, &Map::new()).map(|r| r.text)
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_chat_with(messages, add_generation_prompt, &Map::new())
+            .map(|r| r.text)
     }
 
     /// Renders with extra template arguments (e.g. `{"enable_thinking": false}`).
@@ -275,11 +332,20 @@ impl ChatTokenizer {
         add_generation_prompt: bool,
         template_kwargs: &Map<String, Value>,
     ) -> Result<Rendered> {
-        self.template()?.render(messages, add_generation_prompt, &self.specials, template_kwargs)
+        self.template()?.render(
+            messages,
+            add_generation_prompt,
+            &self.specials,
+            template_kwargs,
+        )
     }
 
     /// The prompt ids for generation: the conversation rendered with `add_generation_prompt`.
-    pub fn encode_prompt(&self, messages: &[ChatMessage], template_kwargs: &Map<String, Value>) -> Result<Vec<u32>> {
+    pub fn encode_prompt(
+        &self,
+        messages: &[ChatMessage],
+        template_kwargs: &Map<String, Value>,
+    ) -> Result<Vec<u32>> {
         let r = self.render_chat_with(messages, true, template_kwargs)?;
         self.encode_rendered(&r.text)
     }
@@ -295,10 +361,15 @@ impl ChatTokenizer {
     ) -> Result<EncodedExample> {
         let id = example.id.clone().unwrap_or_else(|| "(no id)".into());
         if example.messages.is_empty() {
-            return Err(Error::Example { id, message: "`messages` is empty".into() });
+            return Err(Error::Example {
+                id,
+                message: "`messages` is empty".into(),
+            });
         }
         let mut enc = match format {
-            ChatFormat::ChatTemplate => self.encode_chat_template(&id, &example.messages, template_kwargs)?,
+            ChatFormat::ChatTemplate => {
+                self.encode_chat_template(&id, &example.messages, template_kwargs)?
+            }
             ChatFormat::Tulu => self.encode_tulu(&id, &example.messages, max_len)?,
         };
         if let Some(n) = max_len {
@@ -308,24 +379,44 @@ impl ChatTokenizer {
         Ok(enc)
     }
 
-    fn encode_chat_template(&self, id: &str, messages: &[ChatMessage], kwargs: &Map<String, Value>) -> Result<EncodedExample> {
+    fn encode_chat_template(
+        &self,
+        id: &str,
+        messages: &[ChatMessage],
+        kwargs: &Map<String, Value>,
+    ) -> Result<EncodedExample> {
         let rendered = self.render_chat_with(messages, false, kwargs)?;
         let spans = if self.template()?.has_generation_tags() {
             rendered.generation_spans.clone()
         } else {
-            locate_assistant_spans(&rendered.text, messages, &self.special_texts)
-                .map_err(|message| Error::Example { id: id.to_string(), message })?
+            locate_assistant_spans(&rendered.text, messages, &self.special_texts).map_err(
+                |message| Error::Example {
+                    id: id.to_string(),
+                    message,
+                },
+            )?
         };
-        let enc = self.tokenizer.encode(rendered.text.as_str(), false).map_err(|e| self.tok_err(e))?;
+        let enc = self
+            .tokenizer
+            .encode(rendered.text.as_str(), false)
+            .map_err(|e| self.tok_err(e))?;
         let loss_mask = enc
             .get_offsets()
             .iter()
             .map(|&(s, e)| u8::from(spans.iter().any(|sp| s < sp.end && e > sp.start)))
             .collect();
-        Ok(EncodedExample { tokens: enc.get_ids().to_vec(), loss_mask })
+        Ok(EncodedExample {
+            tokens: enc.get_ids().to_vec(),
+            loss_mask,
+        })
     }
 
-    fn encode_tulu(&self, id: &str, messages: &[ChatMessage], max_len: Option<usize>) -> Result<EncodedExample> {
+    fn encode_tulu(
+        &self,
+        id: &str,
+        messages: &[ChatMessage],
+        max_len: Option<usize>,
+    ) -> Result<EncodedExample> {
         let eos = self.special("eos_token").ok_or_else(|| Error::Example {
             id: id.to_string(),
             message: "the Tulu format needs an eos_token in tokenizer_config.json".into(),
@@ -339,9 +430,16 @@ impl ChatTokenizer {
             if m.role == Role::Assistant {
                 continue;
             }
-            let start = if i == 0 { 0 } else { len(&tulu_text(&messages[..i], eos))? };
+            let start = if i == 0 {
+                0
+            } else {
+                len(&tulu_text(&messages[..i], eos))?
+            };
             let mut so_far = tulu_text(&messages[..=i], eos);
-            if messages.get(i + 1).is_some_and(|next| next.role == Role::Assistant) {
+            if messages
+                .get(i + 1)
+                .is_some_and(|next| next.role == Role::Assistant)
+            {
                 so_far.push_str("<|assistant|>\n");
             }
             let end = len(&so_far)?;
@@ -377,7 +475,11 @@ fn py_strip(s: &str) -> &str {
 /// Finds each assistant message's text in the rendered conversation, in order, and extends it over
 /// the special token that immediately follows (the end-of-turn marker). Messages are searched from
 /// where the previous one ended, so text repeated from an earlier message is not mistaken for it.
-fn locate_assistant_spans(text: &str, messages: &[ChatMessage], specials: &[String]) -> std::result::Result<Vec<Range<usize>>, String> {
+fn locate_assistant_spans(
+    text: &str,
+    messages: &[ChatMessage],
+    specials: &[String],
+) -> std::result::Result<Vec<Range<usize>>, String> {
     let mut cursor = 0;
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
@@ -387,10 +489,11 @@ fn locate_assistant_spans(text: &str, messages: &[ChatMessage], specials: &[Stri
         if let Some(a) = answer {
             candidates.extend([a.trim_start_matches('\n'), a.trim()]);
         }
-        let found = candidates
-            .iter()
-            .filter(|c| !c.is_empty())
-            .find_map(|c| text[cursor..].find(c).map(|p| (cursor + p, cursor + p + c.len())));
+        let found = candidates.iter().filter(|c| !c.is_empty()).find_map(|c| {
+            text[cursor..]
+                .find(c)
+                .map(|p| (cursor + p, cursor + p + c.len()))
+        });
         let Some((mut start, mut end)) = found else {
             if m.role == Role::Assistant && !content.trim().is_empty() {
                 return Err(format!(
@@ -405,14 +508,17 @@ fn locate_assistant_spans(text: &str, messages: &[ChatMessage], specials: &[Stri
             // reasoning, or an empty block, for turns after the last user query) is assistant
             // output too.
             let before = &text[cursor..start];
-            if before.trim_end().ends_with("</think>") {
-                if let Some(p) = before.rfind("<think>") {
-                    start = cursor + p;
-                }
+            if before.trim_end().ends_with("</think>")
+                && let Some(p) = before.rfind("<think>")
+            {
+                start = cursor + p;
             }
             // One special token: the end-of-turn marker. The next one (Llama's `<|start_header_id|>`)
             // already opens the following turn.
-            if let Some(s) = specials.iter().find(|s| text[end..].starts_with(s.as_str())) {
+            if let Some(s) = specials
+                .iter()
+                .find(|s| text[end..].starts_with(s.as_str()))
+            {
                 end += s.len();
             }
             spans.push(start..end);
@@ -428,14 +534,24 @@ mod tests {
 
     #[test]
     fn tulu_text_matches_less() {
-        let m = [ChatMessage::system(" sys "), ChatMessage::user("\nq\n"), ChatMessage::assistant(" a ")];
-        assert_eq!(tulu_text(&m, "</s>"), "<|system|>\nsys\n<|user|>\nq\n<|assistant|>\na</s>\n");
+        let m = [
+            ChatMessage::system(" sys "),
+            ChatMessage::user("\nq\n"),
+            ChatMessage::assistant(" a "),
+        ];
+        assert_eq!(
+            tulu_text(&m, "</s>"),
+            "<|system|>\nsys\n<|user|>\nq\n<|assistant|>\na</s>\n"
+        );
     }
 
     #[test]
     fn locate_skips_repeated_text_and_takes_end_token() {
         let text = "<u>the answer</u><a>the answer<end>\n";
-        let m = [ChatMessage::user("the answer"), ChatMessage::assistant("the answer")];
+        let m = [
+            ChatMessage::user("the answer"),
+            ChatMessage::assistant("the answer"),
+        ];
         let spans = locate_assistant_spans(text, &m, &["<end>".to_string()]).unwrap();
         assert_eq!(&text[spans[0].clone()], "the answer<end>");
         assert_eq!(spans[0].start, 20);

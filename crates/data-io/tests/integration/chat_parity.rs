@@ -52,14 +52,30 @@ fn templates_render_and_encode_like_transformers() {
     let mut toks = Tokenizers(BTreeMap::new());
     let mut folders = std::collections::BTreeSet::new();
     for c in &cases {
-        let what = format!("{} / {} / gen_prompt={} / {:?}", c.folder, c.conversation, c.add_generation_prompt, c.template_kwargs);
+        let what = format!(
+            "{} / {} / gen_prompt={} / {:?}",
+            c.folder, c.conversation, c.add_generation_prompt, c.template_kwargs
+        );
         let tok = toks.get(&c.folder);
-        let r = tok.render_chat_with(&c.messages, c.add_generation_prompt, &c.template_kwargs).unwrap();
+        let r = tok
+            .render_chat_with(&c.messages, c.add_generation_prompt, &c.template_kwargs)
+            .unwrap();
         assert_eq!(r.text, c.text, "rendered text differs: {what}");
-        assert_eq!(tok.encode_rendered(&r.text).unwrap(), c.ids, "ids differ: {what}");
+        assert_eq!(
+            tok.encode_rendered(&r.text).unwrap(),
+            c.ids,
+            "ids differ: {what}"
+        );
         folders.insert(c.folder.clone());
     }
-    for f in ["qwen3", "llama31", "chatml", "qwen3-gen", "llama31-gen", "chatml-gen"] {
+    for f in [
+        "qwen3",
+        "llama31",
+        "chatml",
+        "qwen3-gen",
+        "llama31-gen",
+        "chatml-gen",
+    ] {
         assert!(folders.contains(f), "no cases for {f}");
     }
 }
@@ -72,13 +88,26 @@ fn loss_masks_equal_transformers_assistant_masks() {
     let mut toks = Tokenizers(BTreeMap::new());
     let mut checked = 0;
     for c in cases.iter().filter(|c| !c.add_generation_prompt) {
-        let Some(want) = &c.assistant_mask else { continue };
+        let Some(want) = &c.assistant_mask else {
+            continue;
+        };
         let plain = c.folder.trim_end_matches("-gen").to_string();
         for folder in [c.folder.clone(), plain] {
-            let ex = ChatExample { id: Some(c.conversation.clone()), messages: c.messages.clone(), subtask: None };
-            let enc = toks.get(&folder).encode_example(&ex, ChatFormat::ChatTemplate, None, &c.template_kwargs).unwrap();
+            let ex = ChatExample {
+                id: Some(c.conversation.clone()),
+                messages: c.messages.clone(),
+                subtask: None,
+            };
+            let enc = toks
+                .get(&folder)
+                .encode_example(&ex, ChatFormat::ChatTemplate, None, &c.template_kwargs)
+                .unwrap();
             assert_eq!(enc.tokens, c.ids, "{folder} / {}", c.conversation);
-            assert_eq!(&enc.loss_mask, want, "mask differs: {folder} / {} / {:?}", c.conversation, c.template_kwargs);
+            assert_eq!(
+                &enc.loss_mask, want,
+                "mask differs: {folder} / {} / {:?}",
+                c.conversation, c.template_kwargs
+            );
             checked += 1;
         }
     }
@@ -93,9 +122,25 @@ fn tulu_encoding_equals_less() {
     for c in &cases {
         let tok = toks.get(&c.folder);
         let eos = tok.special("eos_token").unwrap().to_string();
-        assert_eq!(optimsyn_data_io::tokenizer::tulu_text(&c.messages, &eos), c.text, "{}", c.conversation);
-        let ex = ChatExample { id: Some(c.conversation.clone()), messages: c.messages.clone(), subtask: None };
-        let enc = tok.encode_example(&ex, ChatFormat::Tulu, Some(c.max_seq_length), &Default::default()).unwrap();
+        assert_eq!(
+            optimsyn_data_io::tokenizer::tulu_text(&c.messages, &eos),
+            c.text,
+            "{}",
+            c.conversation
+        );
+        let ex = ChatExample {
+            id: Some(c.conversation.clone()),
+            messages: c.messages.clone(),
+            subtask: None,
+        };
+        let enc = tok
+            .encode_example(
+                &ex,
+                ChatFormat::Tulu,
+                Some(c.max_seq_length),
+                &Default::default(),
+            )
+            .unwrap();
         assert_eq!(enc.tokens, c.ids, "{} / {}", c.folder, c.conversation);
         let want: Vec<u8> = c.labels.iter().map(|l| u8::from(*l != -100)).collect();
         assert_eq!(enc.loss_mask, want, "{} / {}", c.folder, c.conversation);
@@ -110,15 +155,36 @@ fn template_errors_are_clear() {
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixtures().join("llama31").join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::write(dir.path().join("chat_template.jinja"), "{{ raise_exception('Conversation roles must alternate') }}").unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ raise_exception('Conversation roles must alternate') }}",
+    )
+    .unwrap();
     let bad = ChatTokenizer::from_model_dir(dir.path()).unwrap();
-    let e = bad.render_chat(&[ChatMessage::user("hi")], false).unwrap_err().to_string();
-    assert!(e.contains("chat_template.jinja") && e.contains("Conversation roles must alternate"), "{e}");
-    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}{{ m.content }").unwrap();
-    let e = ChatTokenizer::from_model_dir(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("chat template") && e.contains("chat_template.jinja"), "{e}");
+    let e = bad
+        .render_chat(&[ChatMessage::user("hi")], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("chat_template.jinja") && e.contains("Conversation roles must alternate"),
+        "{e}"
+    );
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content }",
+    )
+    .unwrap();
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("chat template") && e.contains("chat_template.jinja"),
+        "{e}"
+    );
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-    let e = ChatTokenizer::from_model_dir(dir.path()).unwrap_err().to_string();
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     assert!(!tok.eos_token_ids().is_empty());
 }
@@ -126,16 +192,25 @@ fn template_errors_are_clear() {
 #[test]
 fn named_template_list_in_tokenizer_config() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("chatml/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("chatml/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
     let cfg = serde_json::json!({
         "eos_token": {"content": "<|im_end|>", "lstrip": false, "__type": "AddedToken"},
         "chat_template": [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "{{ eos_token }}{{ messages[0].content }}"}]
     });
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
     let tok = ChatTokenizer::from_model_dir(dir.path()).unwrap();
-    assert_eq!(tok.render_chat(&[ChatMessage::user("x")], false).unwrap(), "<|im_end|>x");
+    assert_eq!(
+        tok.render_chat(&[ChatMessage::user("x")], false).unwrap(),
+        "<|im_end|>x"
+    );
     let cfg = serde_json::json!({"chat_template": [{"name": "a", "template": "A"}, {"name": "b", "template": "B"}]});
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
-    let e = ChatTokenizer::from_model_dir(dir.path()).unwrap_err().to_string();
+    let e = ChatTokenizer::from_model_dir(dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("a, b") && e.contains("default"), "{e}");
 }

@@ -1,8 +1,8 @@
 //! JSONL round-trips of every row type over arbitrary text, and resumption after torn writes.
 
 use optimsyn_data_io::{
-    ChatExample, ChatMessage, JsonlReader, JsonlWriter, Provenance, Role, SamplingParams, SeedDoc, SyntheticSample,
-    read_jsonl,
+    ChatExample, ChatMessage, JsonlReader, JsonlWriter, Provenance, Role, SamplingParams, SeedDoc,
+    SyntheticSample, read_jsonl,
 };
 use proptest::prelude::*;
 use std::io::Write;
@@ -24,30 +24,51 @@ fn role() -> impl Strategy<Value = Role> {
 fn example() -> impl Strategy<Value = ChatExample> {
     (
         proptest::option::of(text()),
-        proptest::collection::vec((role(), text()).prop_map(|(r, c)| ChatMessage::new(r, c)), 0..4),
+        proptest::collection::vec(
+            (role(), text()).prop_map(|(r, c)| ChatMessage::new(r, c)),
+            0..4,
+        ),
         proptest::option::of(text()),
     )
-        .prop_map(|(id, messages, subtask)| ChatExample { id, messages, subtask })
+        .prop_map(|(id, messages, subtask)| ChatExample {
+            id,
+            messages,
+            subtask,
+        })
 }
 
 fn sample() -> impl Strategy<Value = SyntheticSample> {
-    (example(), text(), text(), any::<bool>(), proptest::option::of(text()), any::<u64>(), proptest::option::of(-1e9f64..1e9))
-        .prop_map(|(example, seed_id, rubric, valid, rejection, step, influence)| SyntheticSample {
-            example,
-            provenance: Provenance {
-                seed_id,
-                rubric,
-                policy: "policy@3".into(),
-                generator: "http://127.0.0.1:8000/v1#gen".into(),
-                policy_sampling: SamplingParams { temperature: 1.5, seed: Some(step), ..Default::default() },
-                generator_sampling: SamplingParams::default(),
-                step,
-                valid,
-                rejection,
+    (
+        example(),
+        text(),
+        text(),
+        any::<bool>(),
+        proptest::option::of(text()),
+        any::<u64>(),
+        proptest::option::of(-1e9f64..1e9),
+    )
+        .prop_map(
+            |(example, seed_id, rubric, valid, rejection, step, influence)| SyntheticSample {
+                example,
+                provenance: Provenance {
+                    seed_id,
+                    rubric,
+                    policy: "policy@3".into(),
+                    generator: "http://127.0.0.1:8000/v1#gen".into(),
+                    policy_sampling: SamplingParams {
+                        temperature: 1.5,
+                        seed: Some(step),
+                        ..Default::default()
+                    },
+                    generator_sampling: SamplingParams::default(),
+                    step,
+                    valid,
+                    rejection,
+                },
+                influence,
+                reward: influence.map(|x| x * 0.5),
             },
-            influence,
-            reward: influence.map(|x| x * 0.5),
-        })
+        )
 }
 
 fn roundtrip<T>(rows: &[T]) -> Vec<T>
@@ -114,16 +135,30 @@ fn skip_invalid_counts_and_keeps_going() {
         b"{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\nnot json\n{\"messages\": \"x\"}\n\xff\xfe\n\n{\"messages\": []}\n{\"messa",
     )
     .unwrap();
-    let mut r = JsonlReader::<ChatExample>::open(&p).unwrap().skip_invalid(true);
+    let mut r = JsonlReader::<ChatExample>::open(&p)
+        .unwrap()
+        .skip_invalid(true);
     let rows: Vec<ChatExample> = r.by_ref().collect::<Result<_, _>>().unwrap();
     assert_eq!(rows.len(), 2);
     let stats = r.stats();
     assert_eq!((stats.rows, stats.skipped), (2, 4));
     let msgs: Vec<String> = stats.errors.iter().map(|e| e.to_string()).collect();
-    assert!(msgs[0].ends_with("mixed.jsonl:2: invalid JSON: expected ident at line 1 column 2"), "{msgs:?}");
-    assert!(msgs[1].contains("mixed.jsonl:3: field `messages`: invalid type: string"), "{msgs:?}");
-    assert!(msgs[2].contains("mixed.jsonl:4: not valid UTF-8"), "{msgs:?}");
-    assert!(msgs[3].contains("mixed.jsonl:7: truncated last line"), "{msgs:?}");
+    assert!(
+        msgs[0].ends_with("mixed.jsonl:2: invalid JSON: expected ident at line 1 column 2"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[1].contains("mixed.jsonl:3: field `messages`: invalid type: string"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[2].contains("mixed.jsonl:4: not valid UTF-8"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[3].contains("mixed.jsonl:7: truncated last line"),
+        "{msgs:?}"
+    );
 }
 
 #[test]
@@ -133,6 +168,8 @@ fn missing_required_field_is_named() {
     std::fs::write(&p, "{\"id\": \"a\", \"text\": \"t\"}\n{\"id\": \"b\"}\n").unwrap();
     let e = read_jsonl::<SeedDoc>(&p).unwrap_err().to_string();
     assert!(e.contains("docs.jsonl:2: missing field `text`"), "{e}");
-    let e = read_jsonl::<ChatExample>(dir.path().join("nope.jsonl")).unwrap_err().to_string();
+    let e = read_jsonl::<ChatExample>(dir.path().join("nope.jsonl"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope.jsonl: No such file"), "{e}");
 }

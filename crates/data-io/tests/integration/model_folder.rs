@@ -28,9 +28,21 @@ const CONFIG: &str = r#"{"architectures": ["Qwen3ForCausalLM"], "model_type": "q
 fn sharded_folder_routes_tensors_to_their_files() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 5], "do_sample": true}"#).unwrap();
-    write_safetensors(&dir.path().join("model-00001-of-00002.safetensors"), &[("model.embed_tokens.weight", &[16, 8])], 0);
-    write_safetensors(&dir.path().join("model-00002-of-00002.safetensors"), &[("model.norm.weight", &[8])], 0);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 5], "do_sample": true}"#,
+    )
+    .unwrap();
+    write_safetensors(
+        &dir.path().join("model-00001-of-00002.safetensors"),
+        &[("model.embed_tokens.weight", &[16, 8])],
+        0,
+    );
+    write_safetensors(
+        &dir.path().join("model-00002-of-00002.safetensors"),
+        &[("model.norm.weight", &[8])],
+        0,
+    );
     std::fs::write(
         dir.path().join("model.safetensors.index.json"),
         r#"{"metadata": {"total_size": 544}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
@@ -47,7 +59,10 @@ fn sharded_folder_routes_tensors_to_their_files() {
 
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let e = ModelFolder::open(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("model.norm.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.norm.weight") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -56,7 +71,10 @@ fn truncated_and_corrupt_weights_are_named() {
     let p = dir.path().join("model.safetensors");
     write_safetensors(&p, &[("a", &[4]), ("b", &[3, 3])], 5);
     let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("truncated") && e.contains("`b`"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated") && e.contains("`b`"),
+        "{e}"
+    );
     std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
     let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
     assert!(e.contains("not valid JSON"), "{e}");
@@ -68,7 +86,9 @@ fn truncated_and_corrupt_weights_are_named() {
 #[test]
 fn config_errors_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let e = ModelFolder::open(dir.path().join("absent")).unwrap_err().to_string();
+    let e = ModelFolder::open(dir.path().join("absent"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("absent"), "{e}");
     std::fs::write(dir.path().join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
     let e = ModelFolder::open(dir.path()).unwrap_err().to_string();

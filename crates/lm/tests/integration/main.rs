@@ -1,3 +1,9 @@
 //! optimsyn-lm integration tests: one binary, so libtorch is linked once.
 
+mod bad_input;
+mod common;
+mod generation;
 mod libtorch;
+mod lora_parity;
+mod parity;
+mod training;

@@ -1,0 +1,3 @@
+//! optimsyn-lm benchmarks (filled in with docs/PERFORMANCE.md).
+
+fn main() {}

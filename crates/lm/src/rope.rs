@@ -1,0 +1,102 @@
+//! Rotary position embeddings, computed in f32 exactly as transformers computes them.
+
+use optimsyn_data_io::{ModelConfig, RopeScaling};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TorchContext};
+
+/// The inverse frequencies of one model (length `head_dim / 2`, f32), with any scaling applied.
+#[derive(Debug)]
+pub struct Rotary {
+    inv_freq: Tensor,
+}
+
+impl Rotary {
+    /// Builds the frequencies from a config: `1 / theta^(2i/d)` in f32, then `linear` or `llama3`
+    /// scaling, with the same f32 operations as transformers' `modeling_rope_utils`.
+    pub fn new(config: &ModelConfig, device: Device) -> Result<Self> {
+        let dim = config.head_dim as i64;
+        let f = || -> std::result::Result<Tensor, tch::TchError> {
+            let exps = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))?
+                .f_to_kind(Kind::Float)?
+                .f_div_scalar(dim)?;
+            let inv_freq = Tensor::f_pow_scalar(config.rope_theta, &exps)?.f_reciprocal()?;
+            let inv_freq = match &config.rope_scaling {
+                None => inv_freq,
+                Some(RopeScaling::Linear { factor }) => inv_freq.f_div_scalar(*factor)?,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                }) => {
+                    let old_len = *original_max_position_embeddings as f64;
+                    let low_wavelen = old_len / low_freq_factor;
+                    let high_wavelen = old_len / high_freq_factor;
+                    let wavelen = inv_freq
+                        .f_reciprocal()?
+                        .f_mul_scalar(2.0 * std::f64::consts::PI)?;
+                    let is_low = wavelen.f_gt(low_wavelen)?;
+                    let llama = inv_freq
+                        .f_div_scalar(*factor)?
+                        .f_where_self(&is_low, &inv_freq)?;
+                    let smooth = wavelen
+                        .f_reciprocal()?
+                        .f_mul_scalar(old_len)?
+                        .f_sub_scalar(*low_freq_factor)?
+                        .f_div_scalar(high_freq_factor - low_freq_factor)?;
+                    let one_minus = smooth.f_neg()?.f_add_scalar(1.0)?;
+                    let smoothed = one_minus
+                        .f_mul(&llama)?
+                        .f_div_scalar(*factor)?
+                        .f_add(&smooth.f_mul(&llama)?)?;
+                    let medium = wavelen
+                        .f_lt(high_wavelen)?
+                        .f_logical_not()?
+                        .f_logical_and(&is_low.f_logical_not()?)?;
+                    smoothed.f_where_self(&medium, &llama)?
+                }
+            };
+            inv_freq.f_to_device(device)
+        };
+        Ok(Rotary {
+            inv_freq: f().op("RoPE frequencies")?,
+        })
+    }
+
+    /// `(cos, sin)` of shape `[B, T, head_dim]` in `kind` for integer positions `[B, T]` (computed in
+    /// f32, or f64 for an f64 model).
+    pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
+        let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
+            // f32 as transformers, except for f64 models, which keep their precision throughout.
+            let calc = if kind == Kind::Double {
+                Kind::Double
+            } else {
+                Kind::Float
+            };
+            let freqs = positions
+                .f_to_kind(calc)?
+                .f_unsqueeze(-1)?
+                .f_mul(&self.inv_freq.f_to_kind(calc)?)?;
+            let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+            Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+        };
+        f().op("RoPE cos/sin")
+    }
+}
+
+/// Applies RoPE to `x` of shape `[B, heads, T, D]` with `cos`/`sin` of shape `[B, T, D]`:
+/// `x * cos + rotate_half(x) * sin`, as transformers' `apply_rotary_pos_emb`.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let f = || -> std::result::Result<Tensor, tch::TchError> {
+        let d = x.size().last().copied().unwrap_or(0);
+        let half = d / 2;
+        let x1 = x.f_narrow(-1, 0, half)?;
+        let x2 = x.f_narrow(-1, half, half)?;
+        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
+        let cos = cos.f_unsqueeze(1)?;
+        let sin = sin.f_unsqueeze(1)?;
+        x.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)
+    };
+    f().op("RoPE")
+}

@@ -1,0 +1,60 @@
+//! The `optimsyn` program: thin glue over the optimsyn crates. Each subcommand reads and writes the
+//! formats of DESIGN.md and, on bad input, prints one clear line and exits non-zero.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "optimsyn",
+    version,
+    about = "Influence-guided rubric optimization for synthetic SFT data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect how datasets become tokens.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
+    /// Run a language model over rows: log-probs or generation.
+    #[command(subcommand)]
+    Lm(cmd::lm::LmCommand),
+    /// Fine-tune a model (LoRA or full) on chat examples, with resumable checkpoints.
+    Sft(cmd::train::SftArgs),
+    /// Validation loss of a model (and adapter) on chat examples, overall and per subtask.
+    Eval(cmd::train::EvalArgs),
+    /// Run the smoke check of what is built so far (the full demo arrives with the pipeline).
+    Demo(cmd::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OPTIMSYN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(c) => cmd::data::run(c),
+        Command::Lm(c) => cmd::lm::run(c),
+        Command::Sft(a) => cmd::train::sft(a),
+        Command::Eval(a) => cmd::train::eval(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("optimsyn: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

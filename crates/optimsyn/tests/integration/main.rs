@@ -1,0 +1,4 @@
+//! `optimsyn` program tests: one binary, so libtorch is linked once. Each test runs the built
+//! program as a user would.
+
+mod lm_cli;
