@@ -342,13 +342,25 @@ impl LoraConfig {
     }
 }
 
-/// Who may draw dropout masks, shared by every layer of one adapter.
+/// State shared by every layer of one adapter: dropout keys, and the per-sample-gradient probes.
 #[derive(Debug, Default)]
 struct DropoutKey {
     /// `(seed, step)` while training; `None` turns dropout off.
     key: Option<(u64, u64)>,
     /// One stream key per batch row (see [`crate::row_key`]).
     rows: Vec<u64>,
+    /// While capturing per-sample gradients: one slot per adapted module.
+    probes: Option<Vec<Option<Captured>>>,
+}
+
+/// What one adapted module saw in a probed forward: its input `x` `[B, T, in]`, the low-rank
+/// activation `h = x Aᵀ` `[B, T, r]`, and a zero tensor added to its output whose gradient is the
+/// loss's gradient with respect to that output.
+#[derive(Debug)]
+struct Captured {
+    x: Tensor,
+    h: Tensor,
+    probe: Tensor,
 }
 
 /// One adapted projection's trainable matrices, as attached to a [`Linear`].
@@ -418,6 +430,34 @@ impl LoraLayer {
 
 impl LinearAdapter for LoraLayer {
     fn forward(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
+        {
+            let mut g = self
+                .key
+                .lock()
+                .map_err(|_| Error::input("LoRA state poisoned by a panic"))?;
+            if let Some(slots) = g.probes.as_mut() {
+                // Dropout is off while probing (influence uses the deterministic model).
+                let f = || -> std::result::Result<(Tensor, Captured), tch::TchError> {
+                    let h = x.f_matmul(&self.a.f_tr()?)?;
+                    let d = h.f_matmul(&self.b.f_tr()?)?.f_mul_scalar(self.scale)?;
+                    let probe = d.f_zeros_like()?.set_requires_grad(true);
+                    let out = base.f_add(&d)?.f_add(&probe)?;
+                    Ok((
+                        out,
+                        Captured {
+                            x: x.f_detach()?,
+                            h: h.f_detach()?,
+                            probe,
+                        },
+                    ))
+                };
+                let (out, cap) = f().op("LoRA probed forward")?;
+                if let Some(slot) = slots.get_mut(self.index as usize) {
+                    *slot = Some(cap);
+                }
+                return Ok(out);
+            }
+        }
         let f = |x: &Tensor| -> std::result::Result<Tensor, tch::TchError> {
             let h = x.f_matmul(&self.a.f_tr()?)?;
             let d = h.f_matmul(&self.b.f_tr()?)?.f_mul_scalar(self.scale)?;
@@ -662,6 +702,117 @@ impl LoraAdapter {
         g.key = key;
         g.rows = rows.to_vec();
         Ok(())
+    }
+
+    /// Per-sample gradients of each row's loss (the per-sample mean token cross-entropy of
+    /// [`CausalLm::per_sample_loss`]) with respect to every adapter parameter, for a whole padded
+    /// batch in one backward pass: `[B, P]` with columns in [`LoraAdapter::named_parameters`]
+    /// order (each matrix flattened row-major). Dropout is off. Returns the gradients and each
+    /// row's loss.
+    ///
+    /// How: a zero probe is added to each adapted module's output; the gradient of the summed
+    /// loss with respect to the probes is each module's output gradient δ `[B, T, out]`, and since
+    /// rows do not interact, `∇B_b = s Σₜ δ_bt h_btᵀ` and `∇A_b = s Σₜ (Bᵀ δ_bt) x_btᵀ` with
+    /// `h = x Aᵀ` separate the rows exactly. Padding and rows without loss tokens contribute 0.
+    pub fn per_sample_grads(
+        &self,
+        model: &CausalLm,
+        batch: &crate::loss::LossBatch,
+    ) -> Result<(Tensor, Vec<f32>)> {
+        {
+            let mut g = self
+                .key
+                .lock()
+                .map_err(|_| Error::input("LoRA state poisoned by a panic"))?;
+            g.key = None;
+            g.probes = Some((0..self.modules.len()).map(|_| None).collect());
+        }
+        let result = self.probed_grads(model, batch);
+        if let Ok(mut g) = self.key.lock() {
+            g.probes = None;
+        }
+        result
+    }
+
+    fn probed_grads(
+        &self,
+        model: &CausalLm,
+        batch: &crate::loss::LossBatch,
+    ) -> Result<(Tensor, Vec<f32>)> {
+        let per = model.per_sample_loss(batch)?;
+        let losses = crate::generate::to_vec_f32(&per.f_detach().op("per-sample loss")?)?;
+        let total = per.f_sum(per.kind()).op("per-sample loss")?;
+        let caps: Vec<Captured> = {
+            let mut g = self
+                .key
+                .lock()
+                .map_err(|_| Error::input("LoRA state poisoned by a panic"))?;
+            let slots = g.probes.take().unwrap_or_default();
+            slots
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    c.ok_or_else(|| {
+                        Error::input(format!(
+                            "adapted module `{}` was not reached by the forward",
+                            self.modules[i].module
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?
+        };
+        let probes: Vec<&Tensor> = caps.iter().map(|c| &c.probe).collect();
+        let deltas =
+            Tensor::f_run_backward(&[&total], &probes, false, false).op("per-sample backward")?;
+        let b = batch.counts.len() as i64;
+        let mut cols = Vec::with_capacity(2 * caps.len());
+        for ((m, c), delta) in self.modules.iter().zip(&caps).zip(&deltas) {
+            let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
+                // [B, T, out] → [B, out, T] · [B, T, r] = [B, out, r]
+                let gb = delta
+                    .f_transpose(1, 2)?
+                    .f_bmm(&c.h)?
+                    .f_mul_scalar(m.scale)?;
+                // (δ B) [B, T, r] → [B, r, T] · [B, T, in] = [B, r, in]
+                let db = delta.f_matmul(&m.b.f_detach()?)?;
+                let ga = db.f_transpose(1, 2)?.f_bmm(&c.x)?.f_mul_scalar(m.scale)?;
+                Ok((ga.f_reshape([b, -1])?, gb.f_reshape([b, -1])?))
+            };
+            let (ga, gb) = f().op_with(|| format!("per-sample gradient of `{}`", m.module))?;
+            cols.push(ga);
+            cols.push(gb);
+        }
+        let grads = Tensor::f_cat(&cols, 1).op("per-sample gradients")?;
+        Ok((grads, losses))
+    }
+
+    /// Replaces the adapter's weights with those of another adapter folder of the same shape (e.g.
+    /// another checkpoint of the same run), strictly: the same keys and shapes.
+    pub fn load_weights(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let other = LoraConfig::from_peft_json(&text, &cfg_path)?;
+        if (other.r, other.alpha, other.use_rslora)
+            != (self.config.r, self.config.alpha, self.config.use_rslora)
+        {
+            return Err(Error::Adapter {
+                path: cfg_path,
+                message: format!(
+                    "r {} / alpha {} / rslora {} differ from the attached adapter's r {} / alpha {} / rslora {}",
+                    other.r,
+                    other.alpha,
+                    other.use_rslora,
+                    self.config.r,
+                    self.config.alpha,
+                    self.config.use_rslora
+                ),
+            });
+        }
+        crate::sft::load_into(&dir.join(WEIGHTS_FILE), &self.named_parameters())
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) in PEFT's layout,

@@ -28,6 +28,11 @@ enum Command {
     Lm(cmd::lm::LmCommand),
     /// Fine-tune a model (LoRA or full) on chat examples, with resumable checkpoints.
     Sft(cmd::train::SftArgs),
+    /// LoRA warm-up of the target model (checkpoints with Adam moments for influence).
+    Warmup(cmd::train::SftArgs),
+    /// Influence of chat examples on a validation set: score, or verify the estimate.
+    #[command(subcommand)]
+    Influence(cmd::influence::InfluenceCommand),
     /// Validation loss of a model (and adapter) on chat examples, overall and per subtask.
     Eval(cmd::train::EvalArgs),
     /// Run the smoke check of what is built so far (the full demo arrives with the pipeline).
@@ -47,13 +52,24 @@ fn main() -> ExitCode {
         Command::Data(c) => cmd::data::run(c),
         Command::Lm(c) => cmd::lm::run(c),
         Command::Sft(a) => cmd::train::sft(a),
+        Command::Warmup(a) => cmd::train::warmup(a),
+        Command::Influence(c) => cmd::influence::run(c),
         Command::Eval(a) => cmd::train::eval(a),
         Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("optimsyn: error: {e:#}");
+            // Our errors already name their cause; print each further cause only once.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("optimsyn: error: {msg}");
             ExitCode::FAILURE
         }
     }

@@ -2,6 +2,7 @@
 
 pub mod data;
 pub mod demo;
+pub mod influence;
 pub mod lm;
 pub mod train;
 

@@ -20,7 +20,7 @@ use optimsyn_lm::{
 #[derive(Args)]
 pub struct SftArgs {
     /// Base model folder (Hugging Face layout).
-    #[arg(long)]
+    #[arg(long, alias = "target")]
     pub model: PathBuf,
     /// Training chat examples (JSONL with `messages`).
     #[arg(long)]
@@ -28,9 +28,10 @@ pub struct SftArgs {
     /// Output folder: checkpoints, metrics.jsonl, and the final adapter (or model).
     #[arg(long)]
     pub out: PathBuf,
-    /// How examples become tokens: `chat-template` (the model's) or `tulu` (LESS's).
-    #[arg(long, default_value = "chat-template")]
-    pub format: ChatFormat,
+    /// How examples become tokens: `chat-template` (the model's) or `tulu` (LESS's)
+    /// [sft: chat-template; warmup: tulu].
+    #[arg(long)]
+    pub format: Option<ChatFormat>,
     /// Truncate examples to this many tokens.
     #[arg(long)]
     pub max_len: Option<usize>,
@@ -49,104 +50,107 @@ pub struct SftArgs {
     pub dtype: String,
 }
 
-/// LoRA flags (PEFT's names).
+/// LoRA flags (PEFT's names); unset flags take the command's defaults.
 #[derive(Args, Clone)]
 pub struct LoraArgs {
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub lora_r: usize,
-    /// LoRA alpha (scale alpha / r).
-    #[arg(long, default_value_t = 16.0)]
-    pub lora_alpha: f64,
-    /// Dropout on the adapter's input while training.
-    #[arg(long, default_value_t = 0.0)]
-    pub lora_dropout: f64,
-    /// Comma-separated module names (PEFT suffix match), or `all-linear`.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
-    pub lora_targets: String,
+    /// LoRA rank [sft: 8; warmup: 128].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha, scale alpha / r [sft: 16; warmup: 512].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapter's input while training [sft: 0; warmup: 0.1].
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated module names (PEFT suffix match), or `all-linear` [q_proj,k_proj,v_proj,o_proj].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
     /// Rank-stabilized scaling alpha / sqrt(r).
     #[arg(long)]
     pub use_rslora: bool,
 }
 
 impl LoraArgs {
-    /// The adapter configuration these flags describe.
-    pub fn config(&self, base: &Path) -> LoraConfig {
+    /// The adapter configuration: these flags over `defaults`.
+    pub fn config(&self, base: &Path, defaults: &LoraConfig) -> LoraConfig {
         LoraConfig {
-            r: self.lora_r,
-            alpha: self.lora_alpha,
-            dropout: self.lora_dropout,
-            target_modules: TargetModules::List(
-                self.lora_targets
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .collect(),
-            ),
-            use_rslora: self.use_rslora,
+            r: self.lora_r.unwrap_or(defaults.r),
+            alpha: self.lora_alpha.unwrap_or(defaults.alpha),
+            dropout: self.lora_dropout.unwrap_or(defaults.dropout),
+            target_modules: match &self.lora_targets {
+                Some(t) => {
+                    TargetModules::List(t.split(',').map(|s| s.trim().to_string()).collect())
+                }
+                None => defaults.target_modules.clone(),
+            },
+            use_rslora: self.use_rslora || defaults.use_rslora,
             base_model: Some(base.display().to_string()),
-            ..Default::default()
+            ..defaults.clone()
         }
     }
 }
 
-/// Optimizer and loop flags.
+/// Optimizer and loop flags; unset flags take the command's defaults.
 #[derive(Args, Clone)]
 pub struct OptArgs {
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f64,
-    /// Decoupled weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// `constant`, `linear` or `cosine` (after warm-up).
-    #[arg(long, default_value = "linear")]
-    pub schedule: ScheduleKind,
-    /// Fraction of steps spent warming up.
-    #[arg(long, default_value_t = 0.03)]
-    pub warmup_ratio: f64,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Examples per optimizer step.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Most padded tokens per forward pass (bigger steps accumulate gradients).
-    #[arg(long, default_value_t = 4096)]
-    pub max_batch_tokens: usize,
-    /// Clip the gradient norm (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    /// `sample-mean` (each example's mean token loss, averaged) or `token-mean`.
-    #[arg(long, default_value = "sample-mean")]
-    pub loss: LossReduction,
-    /// Seed of the data order and dropout.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Number of evenly spaced checkpoints (the last at the end).
-    #[arg(long, default_value_t = 1)]
-    pub checkpoints: usize,
+    /// Peak learning rate [sft: 1e-4; warmup: 1e-5].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Decoupled weight decay [0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// `constant`, `linear` or `cosine` after warm-up [linear].
+    #[arg(long)]
+    pub schedule: Option<ScheduleKind>,
+    /// Fraction of steps spent warming up [0.03].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Passes over the data [1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Examples per optimizer step [8].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Most padded tokens per forward pass; bigger steps accumulate gradients [4096].
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Clip the gradient norm; 0 turns clipping off [1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// `sample-mean` (each example's mean token loss, averaged) or `token-mean` [sample-mean].
+    #[arg(long)]
+    pub loss: Option<LossReduction>,
+    /// Seed of the data order, dropout and LoRA init [0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of evenly spaced checkpoints, the last at the end [1].
+    #[arg(long)]
+    pub checkpoints: Option<usize>,
     /// Also checkpoint every N steps.
     #[arg(long)]
     pub save_every: Option<u64>,
 }
 
 impl OptArgs {
-    /// The SFT configuration these flags describe.
-    pub fn config(&self) -> SftConfig {
+    /// The SFT configuration: these flags over `d`.
+    pub fn config(&self, d: &SftConfig) -> SftConfig {
         SftConfig {
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            schedule: self.schedule,
-            warmup_ratio: self.warmup_ratio,
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            max_batch_tokens: self.max_batch_tokens,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
-            loss: self.loss,
-            seed: self.seed,
-            checkpoints: self.checkpoints,
-            save_every: self.save_every,
-            ..Default::default()
+            lr: self.lr.unwrap_or(d.lr),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            schedule: self.schedule.unwrap_or(d.schedule),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            max_batch_tokens: self.max_batch_tokens.unwrap_or(d.max_batch_tokens),
+            max_grad_norm: match self.max_grad_norm {
+                Some(m) => (m > 0.0).then_some(m),
+                None => d.max_grad_norm,
+            },
+            loss: self.loss.unwrap_or(d.loss),
+            seed: self.seed.unwrap_or(d.seed),
+            checkpoints: self.checkpoints.unwrap_or(d.checkpoints),
+            save_every: self.save_every.or(d.save_every),
+            ..d.clone()
         }
     }
 }
@@ -177,15 +181,20 @@ pub fn encode_file(
 }
 
 /// Trains, with a progress bar; returns the report. Shared by `sft` and `warmup`.
-pub fn run_sft(a: &SftArgs) -> anyhow::Result<optimsyn_lm::SftReport> {
+pub fn run_sft(
+    a: &SftArgs,
+    lora_defaults: &LoraConfig,
+    sft_defaults: &SftConfig,
+) -> anyhow::Result<optimsyn_lm::SftReport> {
     let opts = super::load_options(&a.device, &a.dtype)?;
     let tok = ChatTokenizer::from_model_dir(&a.model)?;
-    let data = encode_file(&tok, &a.data, a.format, a.max_len)?;
+    let format = a.format.unwrap_or_default();
+    let data = encode_file(&tok, &a.data, format, a.max_len)?;
     let folder = ModelFolder::open(&a.model)?;
     let mut model = CausalLm::from_folder(&folder, opts)?;
-    let cfg = a.opt.config();
+    let cfg = a.opt.config(sft_defaults);
     let info = DataInfo {
-        format: Some(a.format),
+        format: Some(format),
         data_hash: Some(file_hash(&a.data)?),
         data_path: Some(a.data.display().to_string()),
     };
@@ -193,7 +202,7 @@ pub fn run_sft(a: &SftArgs) -> anyhow::Result<optimsyn_lm::SftReport> {
     let trainable = if a.full {
         Trainable::Full
     } else {
-        adapter = LoraAdapter::init(&mut model, a.lora.config(&a.model), a.opt.seed)?;
+        adapter = LoraAdapter::init(&mut model, a.lora.config(&a.model, lora_defaults), cfg.seed)?;
         tracing::info!(
             params = adapter.num_parameters(),
             modules = adapter.modules().len(),
@@ -231,9 +240,43 @@ pub fn run_sft(a: &SftArgs) -> anyhow::Result<optimsyn_lm::SftReport> {
     Ok(report)
 }
 
-/// Runs `sft`.
+/// Runs `sft` (LoRA r 8 / alpha 16 and lr 1e-4 unless told otherwise).
 pub fn sft(a: SftArgs) -> anyhow::Result<()> {
-    let report = run_sft(&a)?;
+    summarize(
+        &a,
+        run_sft(&a, &LoraConfig::default(), &SftConfig::default())?,
+    )
+}
+
+/// `warmup`'s defaults: the released OptimSyn warm-up (LoRA r 128, alpha 512, dropout 0.1 on
+/// q/k/v/o; lr 1e-5, linear with 3 % warm-up, 1 epoch; the Tulu format).
+pub fn warmup_defaults() -> (LoraConfig, SftConfig) {
+    let lora = LoraConfig {
+        r: 128,
+        alpha: 512.0,
+        dropout: 0.1,
+        ..Default::default()
+    };
+    let sft = SftConfig {
+        lr: 1e-5,
+        ..Default::default()
+    };
+    (lora, sft)
+}
+
+/// Runs `warmup`: `sft` with the warm-up's defaults and the Tulu format, keeping its checkpoints
+/// (`OUT/checkpoint-N/`) for `influence score`.
+pub fn warmup(mut a: SftArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !a.full,
+        "warmup trains a LoRA adapter (influence is computed on its matrices); drop --full"
+    );
+    a.format = Some(a.format.unwrap_or(ChatFormat::Tulu));
+    let (lora, sft) = warmup_defaults();
+    summarize(&a, run_sft(&a, &lora, &sft)?)
+}
+
+fn summarize(a: &SftArgs, report: optimsyn_lm::SftReport) -> anyhow::Result<()> {
     let summary = serde_json::json!({
         "out": a.out.display().to_string(),
         "steps": report.steps,

@@ -2,3 +2,4 @@
 //! program as a user would.
 
 mod lm_cli;
+mod train_cli;

@@ -1,0 +1,505 @@
+//! The scorer: per-sample gradients at each warm-up checkpoint, Adam preconditioning, projection,
+//! and cosine against the validation features.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use optimsyn_data_io::{ChatExample, ChatFormat, ChatTokenizer};
+use optimsyn_lm::sft::{TRAINING_FILE, TrainingRecord};
+use optimsyn_lm::{CausalLm, LoadOptions, LoraAdapter, LossBatch, MaskedSeq, TrainExample};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result, TorchContext};
+use crate::precond::{AdamMoments, Precond};
+use crate::project::{Projector, ProjectorKind};
+
+/// How per-subtask scores become one influence value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubtaskAgg {
+    /// The largest subtask mean (LESS and the released OptimSyn code).
+    #[default]
+    Max,
+    /// The mean of the subtask means.
+    Mean,
+}
+
+impl std::str::FromStr for SubtaskAgg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "max" => Ok(SubtaskAgg::Max),
+            "mean" => Ok(SubtaskAgg::Mean),
+            o => Err(format!(
+                "unknown subtask aggregation `{o}` (expected max or mean)"
+            )),
+        }
+    }
+}
+
+/// Scoring settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreConfig {
+    /// Projection (default dense, k 8192, seed 0).
+    pub projector: ProjectorKind,
+    /// Training-side preconditioning.
+    pub precond: Precond,
+    /// Subtask aggregation.
+    pub subtask_agg: SubtaskAgg,
+    /// Data format; `None` takes the adapters' `training.json` (required when they lack one).
+    pub format: Option<ChatFormat>,
+    /// Truncate examples to this many tokens.
+    pub max_len: Option<usize>,
+    /// Most padded tokens per backward pass.
+    pub max_batch_tokens: usize,
+    /// Cache the dense projection matrix when it takes at most this many bytes.
+    pub cache_bytes: usize,
+    /// Where validation features are stored and reused (default: beside each adapter, in
+    /// `influence-features/`).
+    pub features_dir: Option<PathBuf>,
+}
+
+impl Default for ScoreConfig {
+    fn default() -> Self {
+        ScoreConfig {
+            projector: ProjectorKind::Dense { k: 8192, seed: 0 },
+            precond: Precond::Released,
+            subtask_agg: SubtaskAgg::Max,
+            format: None,
+            max_len: None,
+            max_batch_tokens: 4096,
+            cache_bytes: 1 << 30,
+            features_dir: None,
+        }
+    }
+}
+
+/// One candidate's score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// The candidate's id.
+    pub id: String,
+    /// Aggregated influence (positive: helps the validation loss); `None` when the candidate has
+    /// no loss token (see `reason`).
+    pub influence: Option<f64>,
+    /// Mean weighted cosine per validation subtask.
+    pub subtasks: BTreeMap<String, f64>,
+    /// Tokens of the rendered candidate.
+    pub tokens: usize,
+    /// Tokens that carry loss.
+    pub loss_tokens: usize,
+    /// The candidate's training loss at the first checkpoint.
+    pub loss: Option<f64>,
+    /// Why it was not scored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One warm-up checkpoint, ready to score against.
+#[derive(Debug)]
+struct Checkpoint {
+    dir: PathBuf,
+    weight: f64,
+    moments: AdamMoments,
+    /// `[M, k]` L2-normalized projected validation gradients.
+    val: Tensor,
+}
+
+/// Scores candidates by their Adam-preconditioned, projected LoRA-gradient cosine against a
+/// validation set's gradients, summed over warm-up checkpoints weighted by their average
+/// learning rates (LESS's `Inf_Adam`; see the crate docs).
+#[derive(Debug)]
+pub struct InfluenceScorer {
+    model: CausalLm,
+    adapter: LoraAdapter,
+    tokenizer: ChatTokenizer,
+    format: ChatFormat,
+    projector: Projector,
+    checkpoints: Vec<Checkpoint>,
+    /// Subtask names, sorted; `val_subtask[j]` indexes into it.
+    subtask_names: Vec<String>,
+    val_subtask: Vec<usize>,
+    cfg: ScoreConfig,
+}
+
+/// The flattened parameter order and shapes of an adapter.
+fn param_layout(adapter: &LoraAdapter) -> Vec<(String, Vec<i64>)> {
+    adapter
+        .named_parameters()
+        .into_iter()
+        .map(|(k, t)| (k, t.size()))
+        .collect()
+}
+
+/// Encodes chat examples; ids default to the position.
+pub fn encode_examples(
+    tok: &ChatTokenizer,
+    examples: &[ChatExample],
+    format: ChatFormat,
+    max_len: Option<usize>,
+) -> Result<Vec<TrainExample>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| {
+            let id = ex.id.clone().unwrap_or_else(|| i.to_string());
+            let enc = tok.encode_example(ex, format, max_len, &Default::default())?;
+            Ok(TrainExample {
+                id,
+                tokens: enc.tokens,
+                loss_mask: enc.loss_mask,
+                subtask: ex.subtask.clone(),
+            })
+        })
+        .collect()
+}
+
+fn loss_tokens(e: &TrainExample) -> usize {
+    e.loss_mask.iter().skip(1).filter(|m| **m != 0).count()
+}
+
+/// Groups example indices into batches of at most `budget` padded tokens.
+fn batches(idx: &[usize], data: &[TrainExample], budget: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut longest = 0;
+    for &i in idx {
+        let l = longest.max(data[i].tokens.len());
+        if !cur.is_empty() && l * (cur.len() + 1) > budget {
+            out.push(std::mem::take(&mut cur));
+            longest = 0;
+        }
+        longest = longest.max(data[i].tokens.len());
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Per-sample LoRA gradients `[n, P]` of `examples[idx]` (rows in `idx` order), batched.
+pub fn gradients(
+    model: &CausalLm,
+    adapter: &LoraAdapter,
+    examples: &[TrainExample],
+    idx: &[usize],
+    max_batch_tokens: usize,
+) -> Result<(Tensor, Vec<f32>)> {
+    let mut rows = Vec::new();
+    let mut losses = Vec::new();
+    for b in batches(idx, examples, max_batch_tokens) {
+        let seqs: Vec<MaskedSeq<'_>> = b
+            .iter()
+            .map(|&i| MaskedSeq {
+                tokens: &examples[i].tokens,
+                loss_mask: &examples[i].loss_mask,
+            })
+            .collect();
+        let batch = LossBatch::new(&seqs, model.device())?;
+        let (g, l) = adapter.per_sample_grads(model, &batch)?;
+        rows.push(g);
+        losses.extend(l);
+    }
+    Ok((Tensor::f_cat(&rows, 0).op("gradients")?, losses))
+}
+
+/// L2-normalizes rows (zero rows stay zero).
+fn normalize(x: &Tensor) -> Result<Tensor> {
+    let f = || -> std::result::Result<Tensor, tch::TchError> {
+        let n = x
+            .f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?
+            .f_clamp_min(1e-30)?;
+        x.f_div(&n)
+    };
+    f().op("normalizing")
+}
+
+impl InfluenceScorer {
+    /// Loads the target model, the warm-up checkpoints (`adapters`, each a PEFT adapter folder
+    /// with `optimizer.safetensors` and usually `training.json`), and computes (or reuses from
+    /// disk) the validation features.
+    pub fn new(
+        target: &Path,
+        adapters: &[PathBuf],
+        val: &[ChatExample],
+        cfg: ScoreConfig,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        if adapters.is_empty() {
+            return Err(Error::Input(
+                "influence needs at least one warm-up checkpoint (--adapter)".into(),
+            ));
+        }
+        if val.is_empty() {
+            return Err(Error::Input("the validation set is empty".into()));
+        }
+        let tokenizer = ChatTokenizer::from_model_dir(target)?;
+        let mut model = CausalLm::load(target, opts)?;
+        let adapter = LoraAdapter::load(&mut model, &adapters[0])?;
+        // Format and weights from each checkpoint's training record.
+        let records: Vec<Option<TrainingRecord>> = adapters
+            .iter()
+            .map(|d| {
+                if d.join(TRAINING_FILE).exists() {
+                    TrainingRecord::load(d).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let mut format = cfg.format;
+        for (d, r) in adapters.iter().zip(&records) {
+            if let Some(f) = r.as_ref().and_then(|r| r.format) {
+                match format {
+                    None => format = Some(f),
+                    Some(g) if g != f => {
+                        return Err(Error::Checkpoint {
+                            path: d.join(TRAINING_FILE),
+                            message: format!(
+                                "the adapter was trained on the {f:?} format, but scoring asks for {g:?}: gradients would not match the warm-up"
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let format = format.ok_or_else(|| {
+            Error::Input(
+                "the adapters have no training.json recording their data format: pass the format"
+                    .into(),
+            )
+        })?;
+        let weights: Vec<f64> = if records
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.avg_lr > 0.0))
+        {
+            let w: Vec<f64> = records
+                .iter()
+                .map(|r| r.as_ref().map_or(0.0, |r| r.avg_lr))
+                .collect();
+            let s: f64 = w.iter().sum();
+            w.iter().map(|x| x / s).collect()
+        } else {
+            vec![1.0 / adapters.len() as f64; adapters.len()]
+        };
+        let layout = param_layout(&adapter);
+        let p: usize = layout
+            .iter()
+            .map(|(_, s)| s.iter().product::<i64>() as usize)
+            .sum();
+        let projector = Projector::new(cfg.projector, p, cfg.cache_bytes)?;
+
+        let val_enc = encode_examples(&tokenizer, val, format, cfg.max_len)?;
+        let mut names: Vec<String> = val_enc
+            .iter()
+            .map(|e| e.subtask.clone().unwrap_or_default())
+            .collect();
+        names.sort();
+        names.dedup();
+        let val_subtask: Vec<usize> = val_enc
+            .iter()
+            .map(|e| {
+                names
+                    .binary_search(&e.subtask.clone().unwrap_or_default())
+                    .unwrap_or(0)
+            })
+            .collect();
+        if let Some(e) = val_enc.iter().find(|e| loss_tokens(e) == 0) {
+            return Err(Error::Input(format!(
+                "validation example {} has no loss token (no assistant turn?)",
+                e.id
+            )));
+        }
+        let mut checkpoints = Vec::with_capacity(adapters.len());
+        for (dir, weight) in adapters.iter().zip(weights) {
+            adapter.load_weights(dir)?;
+            let moments = AdamMoments::load(
+                &dir.join(optimsyn_optim::state::FILE_NAME),
+                &layout,
+                model.device(),
+            )?;
+            if moments.len() != p {
+                return Err(Error::Checkpoint {
+                    path: dir.clone(),
+                    message: "moments do not cover the adapter".into(),
+                });
+            }
+            let val =
+                crate::features::val_features(&model, &adapter, &projector, &val_enc, dir, &cfg)?;
+            checkpoints.push(Checkpoint {
+                dir: dir.clone(),
+                weight,
+                moments,
+                val,
+            });
+        }
+        Ok(InfluenceScorer {
+            model,
+            adapter,
+            tokenizer,
+            format,
+            projector,
+            checkpoints,
+            subtask_names: names,
+            val_subtask,
+            cfg,
+        })
+    }
+
+    /// The data format candidates are rendered in.
+    pub fn format(&self) -> ChatFormat {
+        self.format
+    }
+
+    /// Validation subtask names (sorted; `""` for examples without one).
+    pub fn subtasks(&self) -> &[String] {
+        &self.subtask_names
+    }
+
+    /// The target model (with the last checkpoint's adapter attached).
+    pub fn model(&self) -> &CausalLm {
+        &self.model
+    }
+
+    /// The scoring settings.
+    pub fn config(&self) -> &ScoreConfig {
+        &self.cfg
+    }
+
+    /// The target's tokenizer.
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        &self.tokenizer
+    }
+
+    /// The attached adapter (holding the weights of the checkpoint last selected).
+    pub fn adapter(&self) -> &LoraAdapter {
+        &self.adapter
+    }
+
+    /// Loads checkpoint `i`'s weights into the attached adapter.
+    pub fn select_checkpoint(&mut self, i: usize) -> Result<()> {
+        let dir = &self
+            .checkpoints
+            .get(i)
+            .ok_or_else(|| Error::Input(format!("no checkpoint {i}")))?
+            .dir;
+        Ok(self.adapter.load_weights(dir)?)
+    }
+
+    /// Γ of gradients `[B, P]` under checkpoint `i`'s moments.
+    pub fn gamma(&self, i: usize, g: &Tensor) -> Result<Tensor> {
+        let c = self
+            .checkpoints
+            .get(i)
+            .ok_or_else(|| Error::Input(format!("no checkpoint {i}")))?;
+        c.moments.precondition(g, self.cfg.precond)
+    }
+
+    /// Scores chat examples (rendered in the adapters' format).
+    pub fn score(&mut self, examples: &[ChatExample]) -> Result<Vec<Score>> {
+        let enc = encode_examples(&self.tokenizer, examples, self.format, self.cfg.max_len)?;
+        self.score_encoded(&enc)
+    }
+
+    /// Scores already encoded examples. Candidates without loss tokens get `influence: None` and
+    /// a reason, never NaN.
+    pub fn score_encoded(&mut self, examples: &[TrainExample]) -> Result<Vec<Score>> {
+        let n = examples.len();
+        let scorable: Vec<usize> = (0..n)
+            .filter(|&i| loss_tokens(&examples[i]) > 0 && examples[i].tokens.len() >= 2)
+            .collect();
+        let ctx = self.model.config().max_position_embeddings;
+        if let Some(&i) = scorable.iter().find(|&&i| examples[i].tokens.len() > ctx) {
+            return Err(Error::Input(format!(
+                "candidate {}: {} tokens is longer than the model's context ({ctx}); set max_len",
+                examples[i].id,
+                examples[i].tokens.len()
+            )));
+        }
+        let m = self.val_subtask.len();
+        let mut total = Tensor::f_zeros(
+            [scorable.len() as i64, m as i64],
+            (Kind::Float, self.model.device()),
+        )
+        .op("scores")?;
+        let mut first_losses = Vec::new();
+        if !scorable.is_empty() {
+            let multi = self.checkpoints.len() > 1;
+            for c in &self.checkpoints {
+                // One checkpoint stays attached from construction; several take turns.
+                if multi {
+                    self.adapter.load_weights(&c.dir)?;
+                }
+                let (g, losses) = gradients(
+                    &self.model,
+                    &self.adapter,
+                    examples,
+                    &scorable,
+                    self.cfg.max_batch_tokens,
+                )?;
+                if first_losses.is_empty() {
+                    first_losses = losses;
+                }
+                let gamma = c.moments.precondition(&g, self.cfg.precond)?;
+                drop(g);
+                let x = normalize(&self.projector.project(&gamma)?)?;
+                let cos = x.f_matmul(&c.val.f_tr().op("scores")?).op("scores")?;
+                total = total
+                    .f_add(&cos.f_mul_scalar(c.weight).op("scores")?)
+                    .op("scores")?;
+            }
+        }
+        let mat = Vec::<f32>::try_from(
+            &total
+                .f_to_device(tch::Device::Cpu)
+                .op("scores")?
+                .f_reshape([-1])
+                .op("scores")?,
+        )
+        .map_err(|e| Error::Torch {
+            op: "reading scores".into(),
+            source: e,
+        })?;
+        let s = self.subtask_names.len();
+        let mut counts = vec![0usize; s];
+        for &j in &self.val_subtask {
+            counts[j] += 1;
+        }
+        let mut out: Vec<Score> = examples
+            .iter()
+            .map(|e| Score {
+                id: e.id.clone(),
+                influence: None,
+                subtasks: BTreeMap::new(),
+                tokens: e.tokens.len(),
+                loss_tokens: loss_tokens(e),
+                loss: None,
+                reason: Some("no loss tokens (no assistant turn, or truncated away)".into()),
+            })
+            .collect();
+        for (row, &i) in scorable.iter().enumerate() {
+            let mut sums = vec![0f64; s];
+            for (j, &t) in self.val_subtask.iter().enumerate() {
+                sums[t] += f64::from(mat[row * m + j]);
+            }
+            let means: Vec<f64> = sums
+                .iter()
+                .zip(&counts)
+                .map(|(x, c)| x / *c as f64)
+                .collect();
+            let agg = match self.cfg.subtask_agg {
+                SubtaskAgg::Max => means.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                SubtaskAgg::Mean => means.iter().sum::<f64>() / s as f64,
+            };
+            let o = &mut out[i];
+            o.influence = Some(agg);
+            o.subtasks = self.subtask_names.iter().cloned().zip(means).collect();
+            o.loss = first_losses.get(row).map(|l| f64::from(*l));
+            o.reason = None;
+        }
+        Ok(out)
+    }
+}

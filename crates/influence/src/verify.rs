@@ -1,0 +1,152 @@
+//! The one-step check: does the first-order prediction match a real step?
+
+use optimsyn_data_io::ChatExample;
+use optimsyn_lm::{LossBatch, MaskedSeq, TrainExample};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result, TorchContext};
+use crate::scorer::{InfluenceScorer, encode_examples, gradients};
+
+/// One candidate's predicted and actual validation-loss change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepCheck {
+    /// Candidate id.
+    pub id: String,
+    /// `−η ⟨∇L_val, Γ⟩`.
+    pub predicted: f64,
+    /// `L_val(θ − ηΓ) − L_val(θ)`.
+    pub actual: f64,
+}
+
+/// The report of [`verify`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Step size η.
+    pub lr: f64,
+    /// Validation loss before any step.
+    pub val_loss: f64,
+    /// Pearson correlation of predicted and actual changes.
+    pub pearson: f64,
+    /// Per candidate.
+    pub checks: Vec<StepCheck>,
+}
+
+fn mean_loss(s: &InfluenceScorer, val: &[TrainExample]) -> Result<f64> {
+    let _g = tch::no_grad_guard();
+    let seqs: Vec<MaskedSeq<'_>> = val
+        .iter()
+        .map(|e| MaskedSeq {
+            tokens: &e.tokens,
+            loss_mask: &e.loss_mask,
+        })
+        .collect();
+    let batch = LossBatch::new(&seqs, s.model().device())?;
+    Ok(s.model()
+        .per_sample_loss(&batch)?
+        .f_mean(Kind::Double)
+        .op("validation loss")?
+        .double_value(&[]))
+}
+
+/// Pearson correlation (NaN when either side is constant).
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len()) as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma) * (x - ma);
+        sbb += (y - mb) * (y - mb);
+    }
+    sab / (saa * sbb).sqrt()
+}
+
+/// For each candidate, steps the adapter of the scorer's first checkpoint by `−lr·Γ` (the Adam
+/// update direction from that checkpoint's moments), measures the validation loss, and restores
+/// the weights. Reports predicted vs actual changes and their Pearson correlation.
+pub fn verify(
+    scorer: &mut InfluenceScorer,
+    val: &[ChatExample],
+    candidates: &[ChatExample],
+    lr: f64,
+) -> Result<VerifyReport> {
+    let (format, max_len, budget) = (
+        scorer.format(),
+        scorer.config().max_len,
+        scorer.config().max_batch_tokens,
+    );
+    let val = encode_examples(scorer.tokenizer(), val, format, max_len)?;
+    let cand = encode_examples(scorer.tokenizer(), candidates, format, max_len)?;
+    let cand: Vec<TrainExample> = cand
+        .into_iter()
+        .filter(|e| e.loss_mask.iter().skip(1).any(|m| *m != 0))
+        .collect();
+    if cand.len() < 3 {
+        return Err(Error::Input(
+            "verify needs at least 3 candidates with loss tokens".into(),
+        ));
+    }
+    scorer.select_checkpoint(0)?;
+    let base = mean_loss(scorer, &val)?;
+    let vidx: Vec<usize> = (0..val.len()).collect();
+    let (vg, _) = gradients(scorer.model(), scorer.adapter(), &val, &vidx, budget)?;
+    let val_grad = vg
+        .f_mean_dim(Some([0i64].as_slice()), false, Kind::Float)
+        .op("validation gradient")?;
+    let cidx: Vec<usize> = (0..cand.len()).collect();
+    let (cg, _) = gradients(scorer.model(), scorer.adapter(), &cand, &cidx, budget)?;
+    let gamma = scorer.gamma(0, &cg)?;
+    let params: Vec<Tensor> = scorer
+        .adapter()
+        .named_parameters()
+        .into_iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    let saved: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.f_detach().and_then(|d| d.f_mul_scalar(1.0)))
+        .collect::<std::result::Result<_, _>>()
+        .op("saving weights")?;
+    let mut checks = Vec::with_capacity(cand.len());
+    for (i, e) in cand.iter().enumerate() {
+        let g = gamma.f_get(i as i64).op("update")?;
+        let predicted = -lr * val_grad.f_dot(&g).op("prediction")?.double_value(&[]);
+        {
+            let _ng = tch::no_grad_guard();
+            let mut off = 0i64;
+            for p in &params {
+                let n = p.numel() as i64;
+                let step = g
+                    .f_narrow(0, off, n)
+                    .and_then(|s| s.f_view(p.size().as_slice()))
+                    .op("update")?;
+                let mut q = p.shallow_clone();
+                let _ = q
+                    .f_sub_(&step.f_mul_scalar(lr).op("update")?)
+                    .op("update")?;
+                off += n;
+            }
+        }
+        let actual = mean_loss(scorer, &val)? - base;
+        {
+            let _ng = tch::no_grad_guard();
+            for (p, s) in params.iter().zip(&saved) {
+                let mut q = p.shallow_clone();
+                q.f_copy_(s).op("restoring weights")?;
+            }
+        }
+        checks.push(StepCheck {
+            id: e.id.clone(),
+            predicted,
+            actual,
+        });
+    }
+    let (p, a): (Vec<f64>, Vec<f64>) = checks.iter().map(|c| (c.predicted, c.actual)).unzip();
+    Ok(VerifyReport {
+        lr,
+        val_loss: base,
+        pearson: pearson(&p, &a),
+        checks,
+    })
+}

@@ -1,0 +1,58 @@
+//! Johnson–Lindenstrauss: projected inner products stay close to the true ones, for both
+//! projectors; the same seed gives the same matrix.
+
+use optimsyn_influence::{Projector, ProjectorKind};
+use proptest::prelude::*;
+use tch::{Kind, Tensor};
+
+fn check(kind: ProjectorKind, scale: f64, seed: i64) {
+    let (p, k, n) = (3000usize, 1024usize, 40i64);
+    let proj = Projector::new(kind, p, 1 << 30).unwrap();
+    tch::manual_seed(seed);
+    let x = Tensor::randn([n, p as i64], (Kind::Float, tch::Device::Cpu));
+    let y = proj.project(&x).unwrap() * scale;
+    let exact = x.matmul(&x.tr());
+    let approx = y.matmul(&y.tr());
+    let norms = x.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+    let bound = norms.matmul(&norms.tr()) * (3.0 / (k as f64).sqrt());
+    let ok = (exact - approx)
+        .abs()
+        .le_tensor(&bound)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    assert!(ok >= 0.99, "{kind:?}: only {ok} of pairs within 3/sqrt(k)");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4))]
+    #[test]
+    fn jl_inner_products(seed in 0i64..1000, proj_seed in 0u64..1000) {
+        let k = 1024;
+        check(ProjectorKind::Dense { k, seed: proj_seed }, 1.0 / (k as f64).sqrt(), seed);
+        check(ProjectorKind::Sjlt { k, s: 4, seed: proj_seed }, 1.0, seed);
+    }
+}
+
+#[test]
+fn same_seed_same_projection_cached_or_blockwise() {
+    let x = Tensor::randn([3, 2500], (Kind::Float, tch::Device::Cpu));
+    let kind = ProjectorKind::Dense { k: 300, seed: 9 };
+    let cached = Projector::new(kind, 2500, 1 << 30)
+        .unwrap()
+        .project(&x)
+        .unwrap();
+    let blockwise = Projector::new(kind, 2500, 0).unwrap().project(&x).unwrap();
+    assert!((&cached - &blockwise).abs().max().double_value(&[]) < 1e-3);
+    let other = Projector::new(ProjectorKind::Dense { k: 300, seed: 10 }, 2500, 0)
+        .unwrap()
+        .project(&x)
+        .unwrap();
+    assert!((&cached - &other).abs().max().double_value(&[]) > 1.0);
+    // One row alone projects as it does in a batch.
+    let one = Projector::new(kind, 2500, 0)
+        .unwrap()
+        .project(&x.narrow(0, 1, 1))
+        .unwrap();
+    assert!((one - cached.narrow(0, 1, 1)).abs().max().double_value(&[]) < 1e-3);
+}

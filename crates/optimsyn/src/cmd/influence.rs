@@ -1,0 +1,207 @@
+//! `optimsyn influence score` and `optimsyn influence verify`.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use optimsyn_data_io::{ChatExample, ChatFormat, JsonlWriter, read_jsonl};
+use optimsyn_influence::{
+    InfluenceScorer, Precond, ProjectorKind, ScoreConfig, SubtaskAgg, verify,
+};
+
+/// Influence commands.
+#[derive(Subcommand)]
+pub enum InfluenceCommand {
+    /// Score each candidate's influence on the validation loss: one JSONL row per candidate with
+    /// `id`, `influence`, per-subtask scores and token counts.
+    Score(ScoreArgs),
+    /// Check the estimate on this setup: one real step per candidate against the first-order prediction.
+    Verify(VerifyArgs),
+}
+
+/// What both commands share.
+#[derive(Args)]
+pub struct Common {
+    /// Target model folder (with its tokenizer).
+    #[arg(long)]
+    target: PathBuf,
+    /// Warm-up checkpoint folder (adapter + optimizer.safetensors + training.json); repeat for several.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
+    /// Validation chat examples (JSONL; `subtask` groups them).
+    #[arg(long)]
+    val: PathBuf,
+    /// Candidates (JSONL chat examples).
+    #[arg(long)]
+    input: PathBuf,
+    /// Data format; default: the adapters' training.json (required when they have none).
+    #[arg(long)]
+    format: Option<ChatFormat>,
+    /// Projection dimension; 0 means exact (no projection).
+    #[arg(long, default_value_t = 8192)]
+    proj_dim: usize,
+    /// `dense` (Rademacher) or `sjlt` (sparse JL, much faster for large adapters).
+    #[arg(long, default_value = "dense")]
+    projector: String,
+    /// Projection seed.
+    #[arg(long, default_value_t = 0)]
+    proj_seed: u64,
+    /// `released` (m'/sqrt(v'+eps), the reference code) or `bias-corrected` (the LESS paper).
+    #[arg(long, default_value = "released")]
+    precond: String,
+    /// Truncate examples to this many tokens.
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Most padded tokens per backward pass.
+    #[arg(long, default_value_t = 4096)]
+    max_batch_tokens: usize,
+    /// Where validation features are cached (default: beside each adapter).
+    #[arg(long)]
+    features_dir: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Arguments of `influence score`.
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    common: Common,
+    /// `max` over validation subtasks (the reference code) or their `mean`.
+    #[arg(long, default_value = "max")]
+    subtask_agg: SubtaskAgg,
+    /// Candidates per scoring call (a dense projection is generated once per call).
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+    /// Output JSONL (default: standard output). An existing file is resumed: ids already in it are skipped.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// Arguments of `influence verify`.
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Step size η of the real step.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Candidates to check (the first N).
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+}
+
+/// Runs an `influence` subcommand.
+pub fn run(cmd: InfluenceCommand) -> anyhow::Result<()> {
+    match cmd {
+        InfluenceCommand::Score(a) => score(a),
+        InfluenceCommand::Verify(a) => verify_cmd(a),
+    }
+}
+
+fn scorer(c: &Common, agg: SubtaskAgg) -> anyhow::Result<(InfluenceScorer, Vec<ChatExample>)> {
+    let precond = match c.precond.as_str() {
+        "released" => Precond::Released,
+        "bias-corrected" => Precond::BiasCorrected,
+        o => anyhow::bail!("--precond: `{o}` is not released or bias-corrected"),
+    };
+    let cfg = ScoreConfig {
+        projector: ProjectorKind::from_name(&c.projector, c.proj_dim, c.proj_seed)?,
+        precond,
+        subtask_agg: agg,
+        format: c.format,
+        max_len: c.max_len,
+        max_batch_tokens: c.max_batch_tokens,
+        features_dir: c.features_dir.clone(),
+        ..Default::default()
+    };
+    let val: Vec<ChatExample> = read_jsonl(&c.val)?;
+    let opts = super::load_options(&c.device, "f32")?;
+    let s = InfluenceScorer::new(&c.target, &c.adapters, &val, cfg, opts)?;
+    Ok((s, val))
+}
+
+/// Where scored rows go.
+type Sink = dyn FnMut(&optimsyn_influence::Score) -> anyhow::Result<()>;
+
+fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.chunk > 0, "--chunk must be at least 1");
+    let mut cands: Vec<ChatExample> = read_jsonl(&a.common.input)?;
+    for (i, c) in cands.iter_mut().enumerate() {
+        c.id.get_or_insert_with(|| i.to_string());
+    }
+    let (mut scorer, _) = scorer(&a.common, a.subtask_agg)?;
+    let mut sink: Box<Sink> = match &a.output {
+        Some(p) => {
+            let done: HashSet<String> = if p.exists() {
+                read_jsonl::<serde_json::Value>(p)
+                    .with_context(|| format!("resuming {}", p.display()))?
+                    .iter()
+                    .filter_map(|v| v.get("id").and_then(|i| i.as_str()).map(String::from))
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+            if !done.is_empty() {
+                tracing::info!(
+                    done = done.len(),
+                    "resuming: skipping candidates already scored"
+                );
+                cands.retain(|c| c.id.as_ref().is_none_or(|id| !done.contains(id)));
+            }
+            let mut w = JsonlWriter::append(p)?;
+            Box::new(move |s| Ok(w.write(s)?))
+        }
+        None => {
+            let mut out = super::output(None)?;
+            Box::new(move |s| {
+                super::write_row(&mut out, &serde_json::to_value(s)?)?;
+                Ok(out.flush()?)
+            })
+        }
+    };
+    let bar = ProgressBar::new(cands.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} influence [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut missing = 0;
+    for chunk in cands.chunks(a.chunk) {
+        for s in scorer.score(chunk)? {
+            if s.influence.is_none() {
+                missing += 1;
+            }
+            sink(&s)?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    if missing > 0 {
+        tracing::warn!(
+            missing,
+            "candidates without loss tokens were not scored (influence null, see reason)"
+        );
+    }
+    Ok(())
+}
+
+fn verify_cmd(a: VerifyArgs) -> anyhow::Result<()> {
+    let cands: Vec<ChatExample> = read_jsonl(&a.common.input)?;
+    let (mut scorer, val) = scorer(&a.common, SubtaskAgg::Max)?;
+    let n = a.n.min(cands.len());
+    let report = verify(&mut scorer, &val, &cands[..n], a.lr)?;
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!(
+        "influence verify: Pearson(predicted, actual) = {:.4} over {} candidates at lr {}",
+        report.pearson,
+        report.checks.len(),
+        a.lr
+    );
+    Ok(())
+}
