@@ -351,6 +351,8 @@ struct DropoutKey {
     rows: Vec<u64>,
     /// While capturing per-sample gradients: one slot per adapted module.
     probes: Option<Vec<Option<Captured>>>,
+    /// The adapter is bypassed (the base model computes alone).
+    disabled: bool,
 }
 
 /// What one adapted module saw in a probed forward: its input `x` `[B, T, in]`, the low-rank
@@ -690,6 +692,17 @@ impl LoraAdapter {
             .iter()
             .map(|m| m.a.numel() as i64 + m.b.numel() as i64)
             .sum()
+    }
+
+    /// Bypasses (`false`) or restores (`true`) the adapter in every forward: with it bypassed the
+    /// model computes as its base (PEFT's `disable_adapter`), e.g. for a KL reference.
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        let mut g = self
+            .key
+            .lock()
+            .map_err(|_| Error::input("LoRA state poisoned by a panic"))?;
+        g.disabled = !enabled;
+        Ok(())
     }
 
     /// Turns dropout on for the next forwards with masks keyed by `(seed, step, row key, layer)`;

@@ -8,6 +8,12 @@ use crate::error::{Error, Result, TorchContext};
 use crate::model::CausalLm;
 
 impl CausalLm {
+    /// Replaces every weight with those of a `model.safetensors` written by
+    /// [`CausalLm::save_pretrained`] for the same configuration (strict: same names and shapes).
+    pub fn load_weights(&self, file: impl AsRef<Path>) -> Result<()> {
+        crate::sft::load_into(file.as_ref(), &self.named_parameters())
+    }
+
     /// Writes `config.json`, `model.safetensors` (in the model's compute kind; a tied output
     /// projection is stored once, as transformers does) and `generation_config.json` into `dir`,
     /// each file atomically. Copy the tokenizer files beside them to make a complete folder.

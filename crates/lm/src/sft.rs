@@ -618,6 +618,10 @@ pub fn train(
             })?
             .flatten()
         {
+            // Files only: tools may keep folders of their own in a checkpoint (influence features).
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
             let to = out.join(entry.file_name());
             let bytes = std::fs::read(entry.path()).map_err(|source| Error::Io {
                 path: entry.path(),

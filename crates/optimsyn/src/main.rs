@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod pipeline;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +36,13 @@ enum Command {
     Influence(cmd::influence::InfluenceCommand),
     /// Validation loss of a model (and adapter) on chat examples, overall and per subtask.
     Eval(cmd::train::EvalArgs),
-    /// Run the smoke check of what is built so far (the full demo arrives with the pipeline).
+    /// Stages 0–2 of OptimSyn from a TOML config: prompts, warm-up, GRPO with influence rewards (resumable).
+    Train(cmd::run::RunArgs),
+    /// Stage 3: the trained (or untrained) policy writes the final dataset.
+    Synthesize(cmd::run::SynthesizeArgs),
+    /// Serve a local model over an OpenAI-compatible chat-completions API (127.0.0.1 unless --host).
+    Serve(cmd::serve::ServeArgs),
+    /// The whole method on the bundled corpus and tiny models, with a closing table.
     Demo(cmd::demo::DemoArgs),
 }
 
@@ -55,6 +62,9 @@ fn main() -> ExitCode {
         Command::Warmup(a) => cmd::train::warmup(a),
         Command::Influence(c) => cmd::influence::run(c),
         Command::Eval(a) => cmd::train::eval(a),
+        Command::Train(a) => cmd::run::train(a),
+        Command::Synthesize(a) => cmd::run::synthesize(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };
     match result {

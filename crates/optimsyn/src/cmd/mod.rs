@@ -4,6 +4,8 @@ pub mod data;
 pub mod demo;
 pub mod influence;
 pub mod lm;
+pub mod run;
+pub mod serve;
 pub mod train;
 
 use std::io::Write;

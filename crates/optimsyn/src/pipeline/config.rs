@@ -1,0 +1,472 @@
+//! The run configuration: one TOML file, every key documented, unknown keys refused.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use optimsyn_influence::{Precond, SubtaskAgg};
+use optimsyn_rl_grpo::GrpoConfig;
+use serde::{Deserialize, Serialize};
+
+/// How influence scores become rewards (`../shared/docs/reference/optimsyn-method.md` §3.6, §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardMode {
+    /// Min–max of raw IF over the valid rollouts of the batch, then `Valid·IF_norm − λ(1−Valid)`.
+    #[default]
+    Normalized,
+    /// The paper's `Valid·IF − λ(1−Valid)` on raw IF.
+    Paper,
+    /// The released code: batch min–max with invalid placeholders (IF 0) included, times Valid.
+    CodeExact,
+}
+
+/// Seed documents and validation data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Seed documents (JSONL `{"id", text field, "domain"?}`).
+    pub seeds: PathBuf,
+    /// The seed documents' text field. Default `text` (the paper's medical corpus: `clean_text`).
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// Domain of documents without one.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// Validation chat examples for influence (with `subtask`).
+    pub val: PathBuf,
+    /// Held-out chat examples for the final evaluation (optional).
+    #[serde(default)]
+    pub heldout: Option<PathBuf>,
+    /// Fraction of the initial pool that warms up the target. Default 0.1.
+    #[serde(default = "default_warmup_fraction")]
+    pub warmup_fraction: f64,
+    /// Fraction of seeds kept for RL (the rest is the 10 % held-out prompt split). Default 0.9.
+    #[serde(default = "default_train_fraction")]
+    pub train_fraction: f64,
+}
+
+/// Model folders (Hugging Face layout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// The rubric policy (trained with LoRA unless `policy_full`).
+    pub policy: PathBuf,
+    /// The generator (frozen): a local folder…
+    #[serde(default)]
+    pub generator: Option<PathBuf>,
+    /// …or an OpenAI-compatible endpoint (`http://host:port/v1`).
+    #[serde(default)]
+    pub generator_url: Option<String>,
+    /// The model name to ask the endpoint for.
+    #[serde(default)]
+    pub generator_model: Option<String>,
+    /// The target model whose validation loss the data should lower.
+    pub target: PathBuf,
+    /// `cpu`, `cuda`, `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+/// Prompt template files (each optional; built-in wording otherwise).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsConfig {
+    /// Policy system template.
+    pub policy_system: Option<PathBuf>,
+    /// Policy user template.
+    pub policy_user: Option<PathBuf>,
+    /// Generator system template.
+    pub qa_system: Option<PathBuf>,
+    /// Generator user template.
+    pub qa_user: Option<PathBuf>,
+}
+
+/// The policy's adapter and sampling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// LoRA rank of the policy adapter. Default 64.
+    pub lora_r: usize,
+    /// LoRA alpha. Default 128.
+    pub lora_alpha: f64,
+    /// Most tokens per rubric. Default 1024.
+    pub max_new_tokens: usize,
+    /// `enable_thinking` for chat templates that take it (Qwen3). Default false.
+    pub enable_thinking: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            lora_r: 64,
+            lora_alpha: 128.0,
+            max_new_tokens: 1024,
+            enable_thinking: false,
+        }
+    }
+}
+
+/// The generator's sampling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Most tokens per QA pair. Default 2048.
+    pub max_new_tokens: usize,
+    /// Temperature (0: greedy, the released configuration). Default 0.
+    pub temperature: f64,
+    /// Attempts until a reply parses. Default 3.
+    pub max_attempts: u32,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            max_new_tokens: 2048,
+            temperature: 0.0,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// The target's warm-up (released configuration by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmupConfig {
+    /// LoRA rank. Default 128.
+    pub lora_r: usize,
+    /// LoRA alpha. Default 512.
+    pub lora_alpha: f64,
+    /// LoRA dropout. Default 0.1.
+    pub lora_dropout: f64,
+    /// Learning rate. Default 1e-5.
+    pub lr: f64,
+    /// Epochs. Default 1.
+    pub epochs: usize,
+    /// Examples per step. Default 8.
+    pub batch_size: usize,
+    /// Checkpoints kept (each weighs by its average learning rate). Default 1.
+    pub checkpoints: usize,
+}
+
+impl Default for WarmupConfig {
+    fn default() -> Self {
+        WarmupConfig {
+            lora_r: 128,
+            lora_alpha: 512.0,
+            lora_dropout: 0.1,
+            lr: 1e-5,
+            epochs: 1,
+            batch_size: 8,
+            checkpoints: 1,
+        }
+    }
+}
+
+/// Influence settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfluenceConfig {
+    /// Projection dimension (0: exact). Default 8192.
+    pub proj_dim: usize,
+    /// `dense` or `sjlt`. Default dense.
+    pub projector: String,
+    /// `max` or `mean` over validation subtasks. Default max.
+    pub subtask_agg: SubtaskAgg,
+    /// `released` or `bias-corrected`. Default released.
+    pub precond: Precond,
+    /// Truncate examples to this many tokens.
+    pub max_len: Option<usize>,
+}
+
+impl Default for InfluenceConfig {
+    fn default() -> Self {
+        InfluenceConfig {
+            proj_dim: 8192,
+            projector: "dense".into(),
+            subtask_agg: SubtaskAgg::Max,
+            precond: Precond::Released,
+            max_len: None,
+        }
+    }
+}
+
+/// Reward settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// How IF becomes reward. Default normalized.
+    pub mode: RewardMode,
+    /// Penalty λ of invalid rollouts. Default 0.1.
+    pub lambda: f64,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            mode: RewardMode::Normalized,
+            lambda: 0.1,
+        }
+    }
+}
+
+/// Stage 3.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SynthesizeConfig {
+    /// Rubrics per seed document. Default 1.
+    pub rubrics_per_seed: usize,
+    /// Rubric sampling temperature. Default 1.0.
+    pub temperature: f64,
+}
+
+impl Default for SynthesizeConfig {
+    fn default() -> Self {
+        SynthesizeConfig {
+            rubrics_per_seed: 1,
+            temperature: 1.0,
+        }
+    }
+}
+
+/// One OptimSyn run. Relative paths are relative to the config file's folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Output folder (resumable: rerunning continues where it stopped).
+    pub out: PathBuf,
+    /// Run seed. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Data.
+    pub data: DataConfig,
+    /// Models.
+    pub models: ModelsConfig,
+    /// Prompt templates.
+    #[serde(default)]
+    pub prompts: PromptsConfig,
+    /// Policy.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Generator.
+    #[serde(default)]
+    pub generator: GeneratorConfig,
+    /// Warm-up.
+    #[serde(default)]
+    pub warmup: WarmupConfig,
+    /// Influence.
+    #[serde(default)]
+    pub influence: InfluenceConfig,
+    /// Reward.
+    #[serde(default)]
+    pub reward: RewardConfig,
+    /// GRPO (optimsyn-rl-grpo's `GrpoConfig`; defaults: the released configuration).
+    #[serde(default)]
+    pub grpo: GrpoConfig,
+    /// GRPO training steps. Default 10.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Stage 3.
+    #[serde(default)]
+    pub synthesize: SynthesizeConfig,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_domain() -> String {
+    "general".into()
+}
+fn default_warmup_fraction() -> f64 {
+    0.1
+}
+fn default_train_fraction() -> f64 {
+    0.9
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_steps() -> u64 {
+    10
+}
+
+impl RunConfig {
+    /// Reads a TOML config; unknown keys and wrong types are errors naming the key; relative
+    /// paths are resolved against the file's folder; every input file must exist.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: RunConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve(base);
+        cfg.check()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.out);
+        fix(&mut self.data.seeds);
+        fix(&mut self.data.val);
+        if let Some(h) = self.data.heldout.as_mut() {
+            fix(h);
+        }
+        fix(&mut self.models.policy);
+        fix(&mut self.models.target);
+        if let Some(g) = self.models.generator.as_mut() {
+            fix(g);
+        }
+        for p in [
+            &mut self.prompts.policy_system,
+            &mut self.prompts.policy_user,
+            &mut self.prompts.qa_system,
+            &mut self.prompts.qa_user,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// Checks values and that input files exist, naming the key.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let exists = |key: &str, p: &Path| -> anyhow::Result<()> {
+            anyhow::ensure!(p.exists(), "key `{key}`: {} does not exist", p.display());
+            Ok(())
+        };
+        exists("data.seeds", &self.data.seeds)?;
+        exists("data.val", &self.data.val)?;
+        if let Some(h) = &self.data.heldout {
+            exists("data.heldout", h)?;
+        }
+        exists("models.policy", &self.models.policy)?;
+        exists("models.target", &self.models.target)?;
+        match (&self.models.generator, &self.models.generator_url) {
+            (Some(g), None) => exists("models.generator", g)?,
+            (None, Some(_)) => anyhow::ensure!(
+                self.models.generator_model.is_some(),
+                "key `models.generator_model`: required with `models.generator_url`"
+            ),
+            _ => anyhow::bail!("key `models.generator` / `models.generator_url`: give exactly one"),
+        }
+        for (k, p) in [
+            ("prompts.policy_system", &self.prompts.policy_system),
+            ("prompts.policy_user", &self.prompts.policy_user),
+            ("prompts.qa_system", &self.prompts.qa_system),
+            ("prompts.qa_user", &self.prompts.qa_user),
+        ] {
+            if let Some(p) = p {
+                exists(k, p)?;
+            }
+        }
+        anyhow::ensure!(
+            self.data.warmup_fraction > 0.0 && self.data.warmup_fraction <= 1.0,
+            "key `data.warmup_fraction`: must be in (0, 1], got {}",
+            self.data.warmup_fraction
+        );
+        anyhow::ensure!(
+            self.data.train_fraction > 0.0 && self.data.train_fraction <= 1.0,
+            "key `data.train_fraction`: must be in (0, 1], got {}",
+            self.data.train_fraction
+        );
+        anyhow::ensure!(
+            matches!(self.influence.projector.as_str(), "dense" | "sjlt"),
+            "key `influence.projector`: `{}` is not dense or sjlt",
+            self.influence.projector
+        );
+        self.grpo
+            .validate()
+            .map_err(|e| anyhow::anyhow!("section `grpo`: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        for f in ["seeds.jsonl", "val.jsonl"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        for d in ["policy", "gen", "target"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let p = dir.join("run.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const OK: &str = r#"
+out = "out"
+[data]
+seeds = "seeds.jsonl"
+val = "val.jsonl"
+[models]
+policy = "policy"
+generator = "gen"
+target = "target"
+[grpo]
+prompts_per_step = 4
+mini_batch_prompts = 2
+"#;
+
+    #[test]
+    fn a_good_config_loads_with_the_released_defaults_and_resolved_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = RunConfig::load(&write(dir.path(), OK)).unwrap();
+        assert_eq!(c.out, dir.path().join("out"));
+        assert_eq!(
+            (c.warmup.lora_r, c.warmup.lr, c.influence.proj_dim),
+            (128, 1e-5, 8192)
+        );
+        assert_eq!(
+            (
+                c.grpo.group_size,
+                c.grpo.rollout.temperature,
+                c.grpo.optimizer.lr
+            ),
+            (5, 1.5, 1e-6)
+        );
+        assert_eq!(c.reward.mode, RewardMode::Normalized);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (OK.replace("[data]", "[data]\nsedes = \"x\""), "sedes"),
+            (
+                OK.replace("seeds = \"seeds.jsonl\"", "seeds = \"nope.jsonl\""),
+                "data.seeds",
+            ),
+            (
+                OK.replace("out = \"out\"", "out = \"out\"\nsteps = \"many\""),
+                "steps",
+            ),
+            (OK.replace("generator = \"gen\"", ""), "models.generator"),
+            (
+                OK.replace("[grpo]", "[reward]\nmode = \"fancy\"\n[grpo]"),
+                "fancy",
+            ),
+            (
+                OK.replace("mini_batch_prompts = 2", "mini_batch_prompts = 3"),
+                "mini_batch_prompts",
+            ),
+        ];
+        for (body, key) in cases {
+            let err = RunConfig::load(&write(dir.path(), &body))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+            assert!(err.contains("run.toml"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,875 @@
+//! The OptimSyn pipeline: stage 0 (prompts), stage 1 (initial pool, warm-up, validation
+//! features), stage 2 (GRPO with influence rewards), stage 3 (the final dataset).
+//!
+//! Layout of a run folder (every stage resumes from what it finds):
+//!
+//! ```text
+//! OUT/prompts.jsonl          stage 0: seed id, split (train / heldout)
+//! OUT/pool.jsonl             stage 1: the untrained policy's samples (provenance on each)
+//! OUT/warmup/checkpoint-N/   stage 1: target adapter + Adam moments + training.json
+//! OUT/rl/                    stage 2: GRPO checkpoints, metrics.jsonl, influence.jsonl,
+//!                            samples/step-N.jsonl (every rollout's QA, IF and reward)
+//! OUT/dataset-<tag>.jsonl    stage 3: one sample per rubric (valid ones are the dataset)
+//! OUT/report.md, OUT/rl.svg  a report and a plot of the RL run
+//! ```
+
+pub mod config;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use optimsyn_data_io::{
+    ChatExample, ChatTokenizer, JsonlReader, SamplingParams as RowSampling, SeedDoc, read_jsonl,
+    write_atomic,
+};
+use optimsyn_influence::{InfluenceScorer, ProjectorKind, ScoreConfig};
+use optimsyn_lm::{
+    CausalLm, DataInfo, LoadOptions, LoraAdapter, LoraConfig, SftConfig, TrainExample, Trainable,
+    sft,
+};
+use optimsyn_rl_grpo::{GrpoConfig, OutputOptions, Prompt, Reference, RolloutBatch, Trainer};
+use optimsyn_rubric_policy::{PolicyPrompt, RubricPolicy, parse_rubric};
+use optimsyn_synth::{
+    GenerationParams, Generator, LocalGenerator, PolicyInfo, QaPrompt, QaTask, RubricSections,
+    SampleFile, SampleSink, SynthConfig, SynthRecord, Synthesizer,
+};
+use serde::{Deserialize, Serialize};
+
+pub use config::{RewardMode, RunConfig};
+
+/// One seed document with its policy prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeedPrompt {
+    /// The document.
+    pub doc: SeedDoc,
+    /// `train` or `heldout`.
+    pub split: String,
+}
+
+fn opts(cfg: &RunConfig) -> anyhow::Result<LoadOptions> {
+    crate::cmd::load_options(&cfg.models.device, "f32")
+}
+
+/// Stage 0: seeds → prompts with a seeded 90/10 split, written once to `OUT/prompts.jsonl`.
+pub fn stage0(cfg: &RunConfig) -> anyhow::Result<Vec<SeedPrompt>> {
+    let path = cfg.out.join("prompts.jsonl");
+    if path.exists() {
+        return Ok(read_jsonl(&path)?);
+    }
+    let field = cfg.data.text_field.clone();
+    let reader = JsonlReader::with_parser(&cfg.data.seeds, move |b| {
+        let v: serde_json::Value = optimsyn_data_io::jsonl::parse_row(b)?;
+        SeedDoc::from_value(v, &field)
+    })?;
+    let mut docs: Vec<SeedDoc> = reader.collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        !docs.is_empty(),
+        "{}: no seed documents",
+        cfg.data.seeds.display()
+    );
+    for d in &mut docs {
+        d.domain.get_or_insert_with(|| cfg.data.domain.clone());
+    }
+    // Seeded split: order by a hash of (seed, id), the first train_fraction are trained on.
+    let mut order: Vec<(u64, usize)> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (optimsyn_lm::row_key(&format!("{}:{}", cfg.seed, d.id)), i))
+        .collect();
+    order.sort();
+    let n_train =
+        ((docs.len() as f64 * cfg.data.train_fraction).round() as usize).clamp(1, docs.len());
+    let mut split = vec!["heldout"; docs.len()];
+    for (_, i) in order.iter().take(n_train) {
+        split[*i] = "train";
+    }
+    let out: Vec<SeedPrompt> = docs
+        .into_iter()
+        .zip(split)
+        .map(|(doc, s)| SeedPrompt {
+            doc,
+            split: s.into(),
+        })
+        .collect();
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("cannot create {}", cfg.out.display()))?;
+    let text: String = out
+        .iter()
+        .map(|p| serde_json::to_string(p).map(|l| l + "\n"))
+        .collect::<Result<_, _>>()?;
+    write_atomic(&path, text.as_bytes())?;
+    Ok(out)
+}
+
+/// Everything the loop keeps loaded.
+pub struct Models {
+    /// The policy's tokenizer.
+    pub policy_tok: ChatTokenizer,
+    /// The generator.
+    pub generator: Box<dyn Generator>,
+    /// The policy prompt.
+    pub policy_prompt: PolicyPrompt,
+    /// The generator prompt's template files (`None`: built in).
+    pub qa_templates: (Option<PathBuf>, Option<PathBuf>),
+}
+
+impl Models {
+    /// The generator prompt.
+    pub fn qa_prompt(&self) -> anyhow::Result<QaPrompt> {
+        Ok(QaPrompt::from_files(
+            self.qa_templates.0.as_deref(),
+            self.qa_templates.1.as_deref(),
+        )?)
+    }
+}
+
+/// Loads tokenizers, the generator and the templates.
+pub fn load_models(cfg: &RunConfig) -> anyhow::Result<Models> {
+    let params = GenerationParams {
+        max_new_tokens: cfg.generator.max_new_tokens,
+        temperature: cfg.generator.temperature,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let generator: Box<dyn Generator> = match (&cfg.models.generator, &cfg.models.generator_url) {
+        (Some(dir), _) => Box::new(LocalGenerator::load(dir, opts(cfg)?, params)?),
+        (None, Some(url)) => {
+            let c = optimsyn_synth::OpenAiConfig {
+                base_url: url.clone(),
+                model: cfg.models.generator_model.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            Box::new(optimsyn_synth::OpenAiGenerator::new(c, params)?)
+        }
+        (None, None) => anyhow::bail!("no generator configured"),
+    };
+    Ok(Models {
+        policy_tok: ChatTokenizer::from_model_dir(&cfg.models.policy)?,
+        generator,
+        policy_prompt: PolicyPrompt::from_files(
+            cfg.prompts.policy_system.as_deref(),
+            cfg.prompts.policy_user.as_deref(),
+        )?,
+        qa_templates: (cfg.prompts.qa_system.clone(), cfg.prompts.qa_user.clone()),
+    })
+}
+
+fn encode_prompts(
+    cfg: &RunConfig,
+    m: &Models,
+    seeds: &[&SeedPrompt],
+) -> anyhow::Result<Vec<Prompt>> {
+    seeds
+        .iter()
+        .map(|s| {
+            let domain = s.doc.domain.as_deref().unwrap_or(&cfg.data.domain);
+            let ids = m.policy_prompt.encode(
+                &m.policy_tok,
+                domain,
+                &s.doc.text,
+                Some(cfg.policy.enable_thinking),
+            )?;
+            Ok(Prompt::new(s.doc.id.clone(), ids))
+        })
+        .collect()
+}
+
+/// A fresh policy: the base model with a seeded LoRA adapter (B = 0: it starts as the base).
+pub fn load_policy(cfg: &RunConfig) -> anyhow::Result<RubricPolicy> {
+    let mut model = CausalLm::load(&cfg.models.policy, opts(cfg)?)?;
+    let lora = LoraConfig {
+        r: cfg.policy.lora_r,
+        alpha: cfg.policy.lora_alpha,
+        ..Default::default()
+    };
+    let adapter = LoraAdapter::init(&mut model, lora, cfg.seed)?;
+    let tok = ChatTokenizer::from_model_dir(&cfg.models.policy)?;
+    let stop = optimsyn_synth::stop_tokens(&model, &tok);
+    Ok(RubricPolicy::new(model, Some(adapter), stop))
+}
+
+/// A rubric sample turned into a generator task, or the reason it could not be.
+fn task_of(doc: &SeedDoc, suffix: &str, text: &str) -> Result<QaTask, String> {
+    let r = parse_rubric(text).map_err(|e| format!("rubric_{}", e.kind()))?;
+    let sections = RubricSections {
+        prompt_related: r.prompt_related,
+        response_related: r.response_related,
+        alignment: r.alignment,
+        technical: r.technical,
+    };
+    let mut t = QaTask::new(doc, suffix, sections);
+    t.rubric_text = Some(text.to_string());
+    Ok(t)
+}
+
+/// Writes a placeholder record for a rollout whose rubric did not parse (provenance kept).
+fn invalid_record(
+    doc: &SeedDoc,
+    id: &str,
+    text: &str,
+    reason: &str,
+    policy: &PolicyInfo,
+    generator: &str,
+    step: u64,
+) -> SynthRecord {
+    SynthRecord {
+        sample: optimsyn_data_io::SyntheticSample {
+            example: ChatExample {
+                id: Some(id.to_string()),
+                messages: Vec::new(),
+                subtask: None,
+            },
+            provenance: optimsyn_data_io::Provenance {
+                seed_id: doc.id.clone(),
+                rubric: text.to_string(),
+                policy: policy.identity.clone(),
+                generator: generator.to_string(),
+                policy_sampling: policy.sampling.clone(),
+                generator_sampling: RowSampling::default(),
+                step,
+                valid: false,
+                rejection: Some(reason.to_string()),
+            },
+            influence: None,
+            reward: None,
+        },
+        generation: optimsyn_synth::GenerationInfo {
+            raw: String::new(),
+            attempts: 0,
+            finish_reason: optimsyn_synth::FinishReason::Stop,
+            prompt_tokens: None,
+            completion_tokens: None,
+        },
+    }
+}
+
+/// Rubric texts → QA samples in `file` (resumable by id). Returns every record of `ids`, in order.
+#[allow(clippy::too_many_arguments)]
+fn synthesize_rubrics(
+    cfg: &RunConfig,
+    m: &Models,
+    items: &[(SeedDoc, String, String)],
+    policy: &PolicyInfo,
+    step: u64,
+    file: &Path,
+) -> anyhow::Result<Vec<SynthRecord>> {
+    let mut sf = SampleFile::open(file)?;
+    let mut tasks = Vec::new();
+    for (doc, id, text) in items {
+        let suffix = id.rsplit('/').next().unwrap_or(id);
+        match task_of(doc, suffix, text) {
+            Ok(mut t) => {
+                t.id = id.clone();
+                tasks.push(t);
+            }
+            Err(reason) => {
+                if !sf.contains(id) {
+                    sf.write(&invalid_record(
+                        doc,
+                        id,
+                        text,
+                        &reason,
+                        policy,
+                        &m.generator.identity(),
+                        step,
+                    ))?;
+                }
+            }
+        }
+    }
+    let synth = Synthesizer::new(m.generator.as_ref())
+        .with_prompt(m.qa_prompt()?)
+        .with_config(SynthConfig {
+            domain: cfg.data.domain.clone(),
+            max_attempts: cfg.generator.max_attempts,
+            ..Default::default()
+        });
+    let mut pinfo = policy.clone();
+    pinfo.step = step;
+    let report = synth.run(&tasks, &pinfo, &mut sf)?;
+    if let Some(f) = report.failures.first() {
+        anyhow::bail!(
+            "generator failed on {} task(s), first {}: {}",
+            report.failures.len(),
+            f.id,
+            f.error
+        );
+    }
+    sf.sync()?;
+    drop(sf);
+    let all: Vec<SynthRecord> = read_jsonl(file)?;
+    let by_id: HashMap<String, SynthRecord> =
+        all.into_iter().map(|r| (r.id().to_string(), r)).collect();
+    items
+        .iter()
+        .map(|(_, id, _)| {
+            by_id
+                .get(id)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("{}: sample {id} missing", file.display()))
+        })
+        .collect()
+}
+
+/// Samples one batch of rubrics from `policy` for `seeds`, `n` per seed, at `temperature`.
+fn sample_rubrics(
+    policy: &mut RubricPolicy,
+    m: &Models,
+    prompts: &[Prompt],
+    n: usize,
+    temperature: f64,
+    seed: u64,
+    max_new_tokens: usize,
+) -> anyhow::Result<Vec<String>> {
+    use optimsyn_rl_grpo::Policy;
+    let keys: Vec<u64> = prompts
+        .iter()
+        .flat_map(|p| (0..n).map(move |g| optimsyn_lm::row_key(&format!("{}#{g}", p.id))))
+        .collect();
+    let req = optimsyn_rl_grpo::SampleRequest {
+        prompts: prompts.iter().map(|p| p.tokens.as_slice()).collect(),
+        group_size: n,
+        seed,
+        keys,
+        sampling: optimsyn_rl_grpo::RolloutConfig {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens,
+        },
+    };
+    let comps = policy.sample(&req)?;
+    comps
+        .iter()
+        .map(|c| Ok(m.policy_tok.decode(&c.tokens, true)?))
+        .collect()
+}
+
+/// The valid samples of `records` as training examples (ids kept).
+fn valid_examples(records: &[SynthRecord]) -> Vec<ChatExample> {
+    records
+        .iter()
+        .filter(|r| r.is_valid())
+        .map(|r| r.sample.example.clone())
+        .collect()
+}
+
+fn score_config(cfg: &RunConfig) -> anyhow::Result<ScoreConfig> {
+    Ok(ScoreConfig {
+        projector: ProjectorKind::from_name(
+            &cfg.influence.projector,
+            cfg.influence.proj_dim,
+            cfg.seed,
+        )?,
+        precond: cfg.influence.precond,
+        subtask_agg: cfg.influence.subtask_agg,
+        format: Some(optimsyn_data_io::ChatFormat::Tulu),
+        max_len: cfg.influence.max_len,
+        ..Default::default()
+    })
+}
+
+/// Stage 1: the untrained policy's pool, the warm-up of the target on part of it, and the scorer
+/// (validation features computed or reused).
+pub fn stage1(
+    cfg: &RunConfig,
+    m: &Models,
+    seeds: &[SeedPrompt],
+) -> anyhow::Result<InfluenceScorer> {
+    let train: Vec<&SeedPrompt> = seeds.iter().filter(|s| s.split == "train").collect();
+    let prompts = encode_prompts(cfg, m, &train)?;
+    let pool_path = cfg.out.join("pool.jsonl");
+    let temperature = cfg.grpo.rollout.temperature;
+    let done: std::collections::HashSet<String> = if pool_path.exists() {
+        read_jsonl::<SynthRecord>(&pool_path)?
+            .iter()
+            .map(|r| r.id().to_string())
+            .collect()
+    } else {
+        Default::default()
+    };
+    // Rubrics are sampled only for seeds whose pool sample is not written yet (a resumed run).
+    let todo: Vec<usize> = (0..train.len())
+        .filter(|&i| !done.contains(&format!("{}/pool", train[i].doc.id)))
+        .collect();
+    let mut texts = vec![String::new(); train.len()];
+    if !todo.is_empty() {
+        let mut policy = load_policy(cfg)?;
+        let sub: Vec<Prompt> = todo.iter().map(|&i| prompts[i].clone()).collect();
+        let got = sample_rubrics(
+            &mut policy,
+            m,
+            &sub,
+            1,
+            temperature,
+            cfg.seed,
+            cfg.policy.max_new_tokens,
+        )?;
+        for (&i, t) in todo.iter().zip(got) {
+            texts[i] = t;
+        }
+    }
+    let items: Vec<(SeedDoc, String, String)> = train
+        .iter()
+        .zip(texts)
+        .map(|(s, t)| (s.doc.clone(), format!("{}/pool", s.doc.id), t))
+        .collect();
+    let pinfo = policy_info(cfg, "untrained", temperature);
+    let pool = synthesize_rubrics(cfg, m, &items, &pinfo, 0, &pool_path)?;
+    let valid = valid_examples(&pool);
+    tracing::info!(
+        pool = pool.len(),
+        valid = valid.len(),
+        "stage 1: initial pool"
+    );
+    anyhow::ensure!(
+        !valid.is_empty(),
+        "stage 1: no valid QA pair in the initial pool ({}); check the generator and its prompt",
+        pool_path.display()
+    );
+    let n_warm =
+        ((valid.len() as f64 * cfg.data.warmup_fraction).ceil() as usize).clamp(1, valid.len());
+    let warm_dir = cfg.out.join("warmup");
+    let tok = ChatTokenizer::from_model_dir(&cfg.models.target)?;
+    let warm: Vec<TrainExample> = optimsyn_influence::encode_examples(
+        &tok,
+        &valid[..n_warm],
+        optimsyn_data_io::ChatFormat::Tulu,
+        cfg.influence.max_len,
+    )?;
+    let mut target = CausalLm::load(&cfg.models.target, opts(cfg)?)?;
+    let w = &cfg.warmup;
+    let lora = LoraConfig {
+        r: w.lora_r,
+        alpha: w.lora_alpha,
+        dropout: w.lora_dropout,
+        ..Default::default()
+    };
+    let adapter = LoraAdapter::init(&mut target, lora, cfg.seed)?;
+    let scfg = SftConfig {
+        lr: w.lr,
+        epochs: w.epochs,
+        batch_size: w.batch_size,
+        checkpoints: w.checkpoints,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let info = DataInfo {
+        format: Some(optimsyn_data_io::ChatFormat::Tulu),
+        data_hash: Some(optimsyn_data_io::file_hash(&pool_path)?),
+        data_path: None,
+    };
+    let report = sft::train(
+        &mut target,
+        Trainable::Lora(&adapter),
+        &warm,
+        &scfg,
+        &info,
+        &warm_dir,
+        &mut |_| {},
+    )?;
+    let ckpts: Vec<PathBuf> = sft::list_checkpoints(&warm_dir)?.into_values().collect();
+    tracing::info!(
+        examples = warm.len(),
+        steps = report.steps,
+        "stage 1: warm-up done"
+    );
+    let val: Vec<ChatExample> = read_jsonl(&cfg.data.val)?;
+    Ok(InfluenceScorer::new(
+        &cfg.models.target,
+        &ckpts,
+        &val,
+        score_config(cfg)?,
+        opts(cfg)?,
+    )?)
+}
+
+fn policy_info(cfg: &RunConfig, tag: &str, temperature: f64) -> PolicyInfo {
+    PolicyInfo {
+        identity: format!("{}#{tag}", cfg.models.policy.display()),
+        sampling: RowSampling {
+            temperature,
+            top_p: None,
+            top_k: None,
+            max_new_tokens: Some(cfg.policy.max_new_tokens),
+            seed: Some(cfg.seed),
+        },
+        step: 0,
+    }
+}
+
+/// What a reward step recorded (a row of `rl/influence.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardRow {
+    /// GRPO step.
+    pub step: u64,
+    /// Rollouts.
+    pub rollouts: usize,
+    /// Fraction whose rubric parsed and whose QA passed the checks.
+    pub valid_rate: f64,
+    /// Mean raw IF of the valid rollouts.
+    pub if_valid_mean: Option<f64>,
+    /// Largest raw IF.
+    pub if_valid_max: Option<f64>,
+    /// Mean reward.
+    pub reward_mean: f64,
+}
+
+/// Rewards of one batch from raw IF (`None` = invalid), by mode.
+pub fn rewards(mode: RewardMode, lambda: f64, ifs: &[Option<f64>]) -> Vec<f64> {
+    let valid: Vec<f64> = ifs.iter().flatten().copied().collect();
+    let minmax = |xs: &[f64]| {
+        let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    };
+    let norm = |x: f64, lo: f64, hi: f64| if hi > lo { (x - lo) / (hi - lo) } else { 0.0 };
+    match mode {
+        RewardMode::Normalized => {
+            let (lo, hi) = minmax(&valid);
+            ifs.iter()
+                .map(|v| v.map_or(-lambda, |x| norm(x, lo, hi)))
+                .collect()
+        }
+        RewardMode::Paper => ifs.iter().map(|v| v.unwrap_or(-lambda)).collect(),
+        RewardMode::CodeExact => {
+            let all: Vec<f64> = ifs.iter().map(|v| v.unwrap_or(0.0)).collect();
+            let (lo, hi) = minmax(&all);
+            ifs.iter()
+                .zip(&all)
+                .map(|(v, x)| if v.is_some() { norm(*x, lo, hi) } else { 0.0 })
+                .collect()
+        }
+    }
+}
+
+/// Stage 2: GRPO on the training prompts with influence rewards; resumes from `OUT/rl/`.
+pub fn stage2(
+    cfg: &RunConfig,
+    m: &Models,
+    seeds: &[SeedPrompt],
+    scorer: &mut InfluenceScorer,
+) -> anyhow::Result<Vec<RewardRow>> {
+    let train: Vec<&SeedPrompt> = seeds.iter().filter(|s| s.split == "train").collect();
+    let prompts = encode_prompts(cfg, m, &train)?;
+    let docs: HashMap<String, SeedDoc> = train
+        .iter()
+        .map(|s| (s.doc.id.clone(), s.doc.clone()))
+        .collect();
+    let rl = cfg.out.join("rl");
+    std::fs::create_dir_all(rl.join("samples"))?;
+    let policy = load_policy(cfg)?;
+    let mut grpo: GrpoConfig = cfg.grpo.clone();
+    grpo.seed = cfg.seed;
+    grpo.rollout.max_new_tokens = cfg.policy.max_new_tokens;
+    let mut trainer = Trainer::new_or_resume(
+        grpo,
+        policy,
+        Reference::Policy,
+        prompts,
+        OutputOptions::new(&rl, 1),
+    )?;
+    let start = trainer.step_count();
+    let log_path = rl.join("influence.jsonl");
+    truncate_rows(&log_path, start)?;
+    let mut log = optimsyn_data_io::JsonlWriter::append(&log_path)?;
+    let pinfo = policy_info(cfg, "rl", cfg.grpo.rollout.temperature);
+    let bar = indicatif::ProgressBar::new(cfg.steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} GRPO [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start.min(cfg.steps));
+    let mut reward = |batch: &RolloutBatch| -> Result<Vec<f64>, optimsyn_rl_grpo::BoxError> {
+        let mut items = Vec::with_capacity(batch.rollouts.len());
+        for r in &batch.rollouts {
+            let p = batch.prompt_of(r);
+            let doc = docs
+                .get(&p.id)
+                .ok_or_else(|| format!("prompt {} has no seed document", p.id))?;
+            let text = m.policy_tok.decode(&r.completion.tokens, true)?;
+            items.push((
+                doc.clone(),
+                format!("{}/step{}-{}", p.id, batch.step, r.sample),
+                text,
+            ));
+        }
+        let file = rl
+            .join("samples")
+            .join(format!("step-{:06}.jsonl", batch.step));
+        let recs = synthesize_rubrics(cfg, m, &items, &pinfo, batch.step, &file)
+            .map_err(|e| e.to_string())?;
+        let valid: Vec<ChatExample> = valid_examples(&recs);
+        let scores = if valid.is_empty() {
+            Vec::new()
+        } else {
+            scorer.score(&valid)?
+        };
+        let by_id: HashMap<String, Option<f64>> =
+            scores.into_iter().map(|s| (s.id, s.influence)).collect();
+        let ifs: Vec<Option<f64>> = recs
+            .iter()
+            .map(|r| {
+                if r.is_valid() {
+                    by_id.get(r.id()).copied().flatten()
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let rw = rewards(cfg.reward.mode, cfg.reward.lambda, &ifs);
+        let vals: Vec<f64> = ifs.iter().flatten().copied().collect();
+        let row = RewardRow {
+            step: batch.step,
+            rollouts: recs.len(),
+            valid_rate: vals.len() as f64 / recs.len().max(1) as f64,
+            if_valid_mean: (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64),
+            if_valid_max: vals.iter().copied().reduce(f64::max),
+            reward_mean: rw.iter().sum::<f64>() / rw.len().max(1) as f64,
+        };
+        log.write(&row)?;
+        log.sync()?;
+        Ok(rw)
+    };
+    while trainer.step_count() < cfg.steps {
+        let mtr = trainer.step(&mut reward)?;
+        bar.set_position(trainer.step_count());
+        bar.set_message(format!("reward {:.3}", mtr.reward.mean));
+    }
+    bar.finish_and_clear();
+    trainer.save()?;
+    let all: Vec<RewardRow> = read_jsonl(&log_path)?;
+    Ok(all)
+}
+
+fn truncate_rows(path: &Path, keep: u64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= keep)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// Stage 3: one rubric per seed (all seeds) from the policy (`trained`: the latest RL
+/// checkpoint's adapter; otherwise the untrained base), QA pairs written to
+/// `OUT/dataset-<tag>.jsonl`. Returns the valid examples.
+pub fn stage3(
+    cfg: &RunConfig,
+    m: &Models,
+    seeds: &[SeedPrompt],
+    trained: bool,
+) -> anyhow::Result<Vec<ChatExample>> {
+    use optimsyn_rl_grpo::Policy;
+    let all: Vec<&SeedPrompt> = seeds.iter().collect();
+    let prompts = encode_prompts(cfg, m, &all)?;
+    let mut policy = load_policy(cfg)?;
+    let tag = if trained { "rl" } else { "untrained" };
+    if trained {
+        let ckpt = optimsyn_rl_grpo::latest_checkpoint(&cfg.out.join("rl"))?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no RL checkpoint in {}: run `optimsyn train` first",
+                cfg.out.join("rl").display()
+            )
+        })?;
+        policy.load(&ckpt.join(optimsyn_rl_grpo::checkpoint::POLICY_DIR))?;
+    }
+    let n = cfg.synthesize.rubrics_per_seed.max(1);
+    let t = cfg.synthesize.temperature;
+    let texts = sample_rubrics(
+        &mut policy,
+        m,
+        &prompts,
+        n,
+        t,
+        cfg.seed ^ 0x5eed,
+        cfg.policy.max_new_tokens,
+    )?;
+    let items: Vec<(SeedDoc, String, String)> = all
+        .iter()
+        .flat_map(|s| (0..n).map(move |g| (s, g)))
+        .zip(texts)
+        .map(|((s, g), text)| (s.doc.clone(), format!("{}/final{g}", s.doc.id), text))
+        .collect();
+    let recs = synthesize_rubrics(
+        cfg,
+        m,
+        &items,
+        &policy_info(cfg, tag, t),
+        cfg.steps,
+        &cfg.out.join(format!("dataset-{tag}.jsonl")),
+    )?;
+    Ok(valid_examples(&recs))
+}
+
+/// Validation loss per subtask after fine-tuning the target (LoRA) on `data`; `None` data = no SFT.
+pub fn finetune_and_eval(
+    cfg: &RunConfig,
+    data: Option<&[ChatExample]>,
+    heldout: &[ChatExample],
+    dir: &Path,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let tok = ChatTokenizer::from_model_dir(&cfg.models.target)?;
+    let fmt = optimsyn_data_io::ChatFormat::Tulu;
+    let eval_set = optimsyn_influence::encode_examples(&tok, heldout, fmt, cfg.influence.max_len)?;
+    let mut target = CausalLm::load(&cfg.models.target, opts(cfg)?)?;
+    if let Some(data) = data {
+        let train = optimsyn_influence::encode_examples(&tok, data, fmt, cfg.influence.max_len)?;
+        let w = &cfg.warmup;
+        let lora = LoraConfig {
+            r: w.lora_r,
+            alpha: w.lora_alpha,
+            dropout: w.lora_dropout,
+            ..Default::default()
+        };
+        let adapter = LoraAdapter::init(&mut target, lora, cfg.seed)?;
+        let scfg = SftConfig {
+            lr: w.lr,
+            epochs: 2,
+            batch_size: w.batch_size,
+            seed: cfg.seed,
+            ..Default::default()
+        };
+        sft::train(
+            &mut target,
+            Trainable::Lora(&adapter),
+            &train,
+            &scfg,
+            &DataInfo::default(),
+            dir,
+            &mut |_| {},
+        )?;
+    }
+    let r = sft::evaluate(&target, &eval_set, 4096)?;
+    let mut out: BTreeMap<String, f64> = r.subtasks.into_iter().map(|(k, g)| (k, g.loss)).collect();
+    out.insert("all".into(), r.overall.loss);
+    Ok(out)
+}
+
+/// Writes an SVG line plot of the RL run's raw IF, validity and reward per step, and KL.
+pub fn plot(out: &Path, rows: &[RewardRow], kl: &[(u64, f64)]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let path = out.join("rl.svg");
+    let root = SVGBackend::new(&path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let steps = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1);
+    let ys: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| [r.if_valid_mean.unwrap_or(0.0), r.reward_mean, r.valid_rate])
+        .chain(kl.iter().map(|k| k.1))
+        .collect();
+    let lo = ys.iter().copied().fold(0.0f64, f64::min);
+    let hi = ys.iter().copied().fold(0.1f64, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "OptimSyn RL: influence, validity, reward, KL",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(48)
+        .build_cartesian_2d(1u64..steps, lo..hi * 1.05)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("GRPO step")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    type Series = (&'static str, RGBColor, Vec<(u64, f64)>);
+    let series: [Series; 4] = [
+        (
+            "raw IF (valid)",
+            BLUE,
+            rows.iter()
+                .filter_map(|r| r.if_valid_mean.map(|v| (r.step, v)))
+                .collect(),
+        ),
+        (
+            "reward",
+            RED,
+            rows.iter().map(|r| (r.step, r.reward_mean)).collect(),
+        ),
+        (
+            "valid rate",
+            GREEN,
+            rows.iter().map(|r| (r.step, r.valid_rate)).collect(),
+        ),
+        ("KL", BLACK, kl.to_vec()),
+    ];
+    for (name, color, pts) in series {
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
+
+/// `optimsyn train`: stages 0–2, resumable.
+pub fn train(cfg: &RunConfig) -> anyhow::Result<Vec<RewardRow>> {
+    let seeds = stage0(cfg)?;
+    let m = load_models(cfg)?;
+    let mut scorer = stage1(cfg, &m, &seeds)?;
+    let rows = stage2(cfg, &m, &seeds, &mut scorer)?;
+    let kl = read_kl(&cfg.out.join("rl").join("metrics.jsonl"));
+    plot(&cfg.out, &rows, &kl)?;
+    Ok(rows)
+}
+
+/// The KL per step from the trainer's metrics.
+pub fn read_kl(path: &Path) -> Vec<(u64, f64)> {
+    read_jsonl::<serde_json::Value>(path)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v["kl"].as_f64()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reward_modes() {
+        let ifs = [Some(0.02), None, Some(0.06), Some(0.04)];
+        let n = rewards(RewardMode::Normalized, 0.1, &ifs);
+        assert_eq!(n, vec![0.0, -0.1, 1.0, 0.5000000000000001]);
+        assert_eq!(
+            rewards(RewardMode::Paper, 0.1, &ifs),
+            vec![0.02, -0.1, 0.06, 0.04]
+        );
+        // The released code: min–max over all rollouts, placeholders (IF 0) included, times Valid.
+        let c = rewards(RewardMode::CodeExact, 0.1, &ifs);
+        assert!((c[0] - 1.0 / 3.0).abs() < 1e-12 && c[1] == 0.0 && c[2] == 1.0);
+        // All equal: no signal, nothing blows up.
+        assert_eq!(
+            rewards(RewardMode::Normalized, 0.1, &[Some(0.5), Some(0.5)]),
+            vec![0.0, 0.0]
+        );
+        assert_eq!(
+            rewards(RewardMode::Normalized, 0.1, &[None, None]),
+            vec![-0.1, -0.1]
+        );
+    }
+}

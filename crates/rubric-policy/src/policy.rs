@@ -1,0 +1,184 @@
+//! [`RubricPolicy`]: an optimsyn-lm model (full or LoRA) as an rl-grpo [`Policy`].
+
+use std::path::Path;
+
+use optimsyn_lm::{CausalLm, FinishReason, LoraAdapter, SamplingParams, log_softmax_at};
+use optimsyn_rl_grpo::{Completion, Policy, PolicyLogprobs, SampleRequest, TokenBatch};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+fn torch(op: &str) -> impl FnOnce(tch::TchError) -> Error + '_ {
+    move |source| Error::Torch {
+        op: op.to_string(),
+        source,
+    }
+}
+
+/// A causal LM that writes rubrics, trainable by GRPO: either a LoRA adapter on a frozen base
+/// (the KL reference is then the base itself, via [`Policy::reference_logprobs`]) or every weight.
+#[derive(Debug)]
+pub struct RubricPolicy {
+    model: CausalLm,
+    lora: Option<LoraAdapter>,
+    stop_tokens: Vec<u32>,
+    /// Rows per generation call.
+    pub batch_rows: usize,
+}
+
+impl RubricPolicy {
+    /// Wraps `model`; with `lora`, only the adapter trains. `stop_tokens` end completions (the
+    /// model's and tokenizer's eos ids).
+    pub fn new(model: CausalLm, lora: Option<LoraAdapter>, stop_tokens: Vec<u32>) -> Self {
+        if lora.is_none() {
+            for (_, p) in model.named_parameters() {
+                let _ = p.shallow_clone().set_requires_grad(true);
+            }
+        }
+        RubricPolicy {
+            model,
+            lora,
+            stop_tokens,
+            batch_rows: 32,
+        }
+    }
+
+    /// The model (with its adapter attached, if any).
+    pub fn model(&self) -> &CausalLm {
+        &self.model
+    }
+
+    /// The adapter, when the policy is a LoRA policy.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    fn forward_logprobs(
+        &self,
+        batch: &TokenBatch<'_>,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<PolicyLogprobs> {
+        let packed = batch
+            .pack(self.model.device())
+            .map_err(|e| Error::Input(e.to_string()))?;
+        let hidden =
+            self.model
+                .forward_hidden(&packed.input_ids, Some(&packed.attention_mask), None)?;
+        let h = packed
+            .predicting(&hidden)
+            .map_err(|e| Error::Input(e.to_string()))?;
+        let logits = self.model.logits(&h)?;
+        let lsm = log_softmax_at(&logits, temperature)?;
+        let lp = lsm
+            .f_gather(
+                -1,
+                &packed.targets.f_unsqueeze(-1).map_err(torch("gather"))?,
+                false,
+            )
+            .and_then(|t| t.f_squeeze_dim(-1))
+            .map_err(torch("completion log-probs"))?;
+        let ent = if entropy {
+            let e = lsm
+                .f_exp()
+                .and_then(|p| p.f_mul(&lsm))
+                .and_then(|x| x.f_sum_dim_intlist(Some([-1i64].as_slice()), false, Kind::Float))
+                .and_then(|x| x.f_neg())
+                .map_err(torch("entropy"))?;
+            Some(e)
+        } else {
+            None
+        };
+        Ok(PolicyLogprobs {
+            logprobs: lp,
+            entropy: ent,
+        })
+    }
+}
+
+impl Policy for RubricPolicy {
+    type Error = Error;
+
+    fn device(&self) -> Device {
+        self.model.device()
+    }
+
+    fn sample(&mut self, request: &SampleRequest<'_>) -> Result<Vec<Completion>> {
+        let _g = tch::no_grad_guard();
+        let s = request.sampling;
+        let params = SamplingParams {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            seed: request.seed,
+            stop_tokens: self.stop_tokens.clone(),
+        };
+        let rows: Vec<(&[u32], u64)> = request.row_prompts().collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(self.batch_rows.max(1)) {
+            let prompts: Vec<&[u32]> = chunk.iter().map(|r| r.0).collect();
+            let keys: Vec<u64> = chunk.iter().map(|r| r.1).collect();
+            for g in self.model.generate(&prompts, &keys, &params)? {
+                out.push(Completion {
+                    truncated: g.finish_reason == FinishReason::Length,
+                    tokens: g.tokens,
+                    logprobs: g.logprobs,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn logprobs(
+        &self,
+        batch: &TokenBatch<'_>,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<PolicyLogprobs> {
+        self.forward_logprobs(batch, temperature, entropy)
+    }
+
+    fn reference_logprobs(
+        &self,
+        batch: &TokenBatch<'_>,
+        temperature: f64,
+    ) -> Result<Option<Tensor>> {
+        let Some(a) = &self.lora else { return Ok(None) };
+        let _g = tch::no_grad_guard();
+        a.set_enabled(false)?;
+        let r = self.forward_logprobs(batch, temperature, false);
+        a.set_enabled(true)?;
+        Ok(Some(r?.logprobs))
+    }
+
+    fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        match &self.lora {
+            Some(a) => a
+                .named_parameters()
+                .into_iter()
+                .map(|(k, t)| (k, t.shallow_clone()))
+                .collect(),
+            None => self
+                .model
+                .named_parameters()
+                .into_iter()
+                .map(|(k, t)| (k, t.shallow_clone()))
+                .collect(),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        match &self.lora {
+            Some(a) => Ok(a.save(dir)?),
+            None => Ok(self.model.save_pretrained(dir)?),
+        }
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<()> {
+        match &self.lora {
+            Some(a) => Ok(a.load_weights(dir)?),
+            None => Ok(self.model.load_weights(dir.join("model.safetensors"))?),
+        }
+    }
+}
