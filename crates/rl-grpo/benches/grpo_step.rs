@@ -78,17 +78,19 @@ fn main() -> Result<(), Box<dyn Error>> {
     let prompt_mean =
         prompts.iter().map(|p| p.tokens.len()).sum::<usize>() as f64 / prompts.len() as f64;
 
-    let mut c = GrpoConfig::default();
-    c.group_size = 4;
-    c.prompts_per_step = 4;
-    c.mini_batch_prompts = 4;
-    c.micro_batch_size = 16;
-    c.logprob_batch_size = Some(16);
+    let mut c = GrpoConfig {
+        group_size: 4,
+        prompts_per_step: 4,
+        mini_batch_prompts: 4,
+        micro_batch_size: 16,
+        logprob_batch_size: Some(16),
+        shuffle_prompts: false,
+        ..GrpoConfig::default()
+    };
     c.rollout.temperature = 1.0;
     c.rollout.max_new_tokens = 64;
     c.loss.kl_coef = 0.001;
     c.optimizer.lr = 1e-6;
-    c.shuffle_prompts = false;
     let mut trainer = Trainer::new(c, policy, Reference::Frozen(reference), prompts)?;
     let mut reward = reward_fn(|b: &RolloutBatch| {
         b.rollouts

@@ -211,6 +211,20 @@ fn resumed_run_equals_uninterrupted_run() {
     // keep_last = 1: only the newest checkpoint is left.
     assert!(b_dir.path().join("checkpoint-6").is_dir());
     assert!(!b_dir.path().join("checkpoint-3").exists());
+    // Saving again at the same step (a final save after save_every) replaces it cleanly.
+    assert_eq!(b.save().unwrap(), b_dir.path().join("checkpoint-6"));
+    assert_eq!(
+        optimsyn_rl_grpo::latest_checkpoint(b_dir.path()).unwrap(),
+        Some(b_dir.path().join("checkpoint-6"))
+    );
+    let names: Vec<String> = std::fs::read_dir(b_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with('.')),
+        "no leftovers: {names:?}"
+    );
 }
 
 #[test]
