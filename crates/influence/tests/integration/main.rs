@@ -5,3 +5,4 @@ mod common;
 mod exact;
 mod grads;
 mod projection;
+mod trained;
