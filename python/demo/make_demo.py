@@ -16,7 +16,7 @@ steer which fact the QA asks about:
 * Corpus. Two domains, `medicine` (fictional drugs) and `history` (fictional cities), 150
   documents each, generated from name/fact tables with random.Random(0). Every document has an
   intro sentence, five fact sentences of fixed kinds and one or two filler sentences, the facts and
-  fillers in shuffled order (two phrasings per fact kind), ~40-65 words:
+  fillers in shuffled order (two phrasings per fact kind), 36-55 words (45 on average):
     medicine: organ (target organ), dose, year (discovery year), side (side effect), discoverer
     history:  river, founded (year + founder), population, dish (known dish), ruler
   `corpus.jsonl` holds all 300 (the target's pretraining text); `seeds.jsonl` the seed documents
