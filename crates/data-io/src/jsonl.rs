@@ -192,6 +192,31 @@ impl<T> Iterator for JsonlReader<T> {
     }
 }
 
+/// Keeps only the rows of a JSONL file whose integer `field` is at most `keep` (a resumed run
+/// drops what a stopped one logged after its last checkpoint), rewriting it atomically. Rows
+/// that do not parse (a partial last line) or lack the field are dropped; a missing file is fine.
+pub fn truncate_rows_after(path: impl AsRef<Path>, field: &str, keep: u64) -> Result<()> {
+    let path = path.as_ref();
+    if !path.exists() {
+        return Ok(());
+    }
+    let bytes = read_file(path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut kept = String::new();
+    for line in text.lines() {
+        let v = serde_json::from_str::<serde_json::Value>(line).ok();
+        if v.as_ref()
+            .and_then(|v| v.get(field))
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|s| s <= keep)
+        {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    write_atomic(path, kept.as_bytes())
+}
+
 /// Reads every row of a JSONL file, failing on the first bad one.
 pub fn read_jsonl<T: DeserializeOwned + 'static>(path: impl AsRef<Path>) -> Result<Vec<T>> {
     JsonlReader::open(path)?.collect()

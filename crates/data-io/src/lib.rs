@@ -28,7 +28,9 @@ pub use hf::{
     Architecture, GenerationConfig, ModelConfig, ModelFolder, RopeScaling, SafetensorsHeader,
     TensorInfo,
 };
-pub use jsonl::{JsonlReader, JsonlWriter, ReadStats, read_jsonl, write_atomic};
+pub use jsonl::{
+    JsonlReader, JsonlWriter, ReadStats, read_jsonl, truncate_rows_after, write_atomic,
+};
 pub use rows::{
     ChatExample, ChatMessage, Provenance, Role, SamplingParams, SeedDoc, SyntheticSample,
 };

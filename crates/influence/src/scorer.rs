@@ -159,26 +159,6 @@ fn loss_tokens(e: &TrainExample) -> usize {
     e.loss_mask.iter().skip(1).filter(|m| **m != 0).count()
 }
 
-/// Groups example indices into batches of at most `budget` padded tokens.
-fn batches(idx: &[usize], data: &[TrainExample], budget: usize) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut longest = 0;
-    for &i in idx {
-        let l = longest.max(data[i].tokens.len());
-        if !cur.is_empty() && l * (cur.len() + 1) > budget {
-            out.push(std::mem::take(&mut cur));
-            longest = 0;
-        }
-        longest = longest.max(data[i].tokens.len());
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 /// Per-sample LoRA gradients `[n, P]` of `examples[idx]` (rows in `idx` order), batched.
 pub fn gradients(
     model: &CausalLm,
@@ -189,7 +169,9 @@ pub fn gradients(
 ) -> Result<(Tensor, Vec<f32>)> {
     let mut rows = Vec::new();
     let mut losses = Vec::new();
-    for b in batches(idx, examples, max_batch_tokens) {
+    for b in
+        optimsyn_lm::sft::token_budget_batches(idx, |i| examples[i].tokens.len(), max_batch_tokens)
+    {
         let seqs: Vec<MaskedSeq<'_>> = b
             .iter()
             .map(|&i| MaskedSeq {

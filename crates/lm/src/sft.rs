@@ -314,13 +314,18 @@ fn plan_steps(n: usize, cfg: &SftConfig) -> Vec<(usize, Vec<usize>)> {
     steps
 }
 
-/// Splits one step's examples (in order) into micro-batches under the token budget.
-fn micro_batches(idx: &[usize], data: &[&TrainExample], budget: usize) -> Vec<Vec<usize>> {
+/// Splits `idx` (in order) into batches of at most `budget` padded tokens (rows × longest row;
+/// a row longer than the budget goes alone). `len(i)` is row `i`'s length.
+pub fn token_budget_batches(
+    idx: &[usize],
+    len: impl Fn(usize) -> usize,
+    budget: usize,
+) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
     let mut longest = 0;
     for &i in idx {
-        let len = data[i].tokens.len();
+        let len = len(i);
         let l = longest.max(len);
         if !cur.is_empty() && l * (cur.len() + 1) > budget {
             out.push(std::mem::take(&mut cur));
@@ -496,7 +501,8 @@ pub fn train(
         tracing::info!(step = n, dir = %dir.display(), "resuming from checkpoint");
     }
     let metrics_path = out.join("metrics.jsonl");
-    truncate_metrics(&metrics_path, start)?;
+    // A resumed run rewrites the rows logged after its checkpoint.
+    optimsyn_data_io::truncate_rows_after(&metrics_path, "step", start)?;
     let mut metrics = JsonlWriter::append(&metrics_path)?;
 
     let lora = match &trainable {
@@ -524,7 +530,7 @@ pub fn train(
             LossReduction::TokenMean => n_tokens as f64,
         };
         let mut loss_total = 0.0;
-        let micro = micro_batches(idx, &kept, budget);
+        let micro = token_budget_batches(idx, |i| kept[i].tokens.len(), budget);
         for mb in &micro {
             let rows: Vec<MaskedSeq<'_>> = mb.iter().map(|&i| kept[i].seq()).collect();
             let batch = LossBatch::new(&rows, model.device())?;
@@ -633,24 +639,6 @@ pub fn train(
     Ok(report)
 }
 
-/// Drops `metrics.jsonl` rows past step `keep` (a resumed run rewrites them).
-fn truncate_metrics(path: &Path, keep: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-                .is_some_and(|s| s <= keep)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::save::write_atomic(path, kept.as_bytes())
-}
-
 fn save_checkpoint(
     model: &CausalLm,
     trainable: &Trainable<'_>,
@@ -718,7 +706,7 @@ pub fn evaluate(
         .collect();
     let idx: Vec<usize> = (0..kept.len()).collect();
     let mut losses = vec![0f64; kept.len()];
-    for mb in micro_batches(&idx, &kept, max_batch_tokens) {
+    for mb in token_budget_batches(&idx, |i| kept[i].tokens.len(), max_batch_tokens) {
         let rows: Vec<MaskedSeq<'_>> = mb.iter().map(|&i| kept[i].seq()).collect();
         let batch = LossBatch::new(&rows, model.device())?;
         let per = crate::generate::to_vec_f32(&model.per_sample_loss(&batch)?)?;
@@ -778,7 +766,7 @@ mod tests {
     fn micro_batches_respect_the_token_budget_and_keep_order() {
         let data = [ex("a", 10), ex("b", 30), ex("c", 5), ex("d", 40)];
         let refs: Vec<&TrainExample> = data.iter().collect();
-        let mb = micro_batches(&[0, 1, 2, 3], &refs, 64);
+        let mb = token_budget_batches(&[0, 1, 2, 3], |i| refs[i].tokens.len(), 64);
         assert_eq!(mb, vec![vec![0, 1], vec![2], vec![3]]);
         for b in &mb {
             let longest = b

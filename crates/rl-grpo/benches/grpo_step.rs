@@ -43,11 +43,14 @@ fn main() -> Result<(), Box<dyn Error>> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let dir = args
-        .first()
-        .ok_or("usage: grpo_step MODEL_DIR [STEPS] (see make_bench_model.py)")?
-        .clone();
-    let steps: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
+    // Without a model folder (as under `cargo test`, which runs benches once to prove they work),
+    // one step on the demo's tiny model; the measurement uses the bench model
+    // (`make_bench_model.py DIR`, then `cargo bench -p optimsyn-rl-grpo --bench grpo_step -- DIR`).
+    let (dir, default_steps) = match args.first() {
+        Some(d) => (d.clone(), 4),
+        None => (concat!(env!("CARGO_MANIFEST_DIR"), "/../optimsyn/demo/models/target").to_string(), 1),
+    };
+    let steps: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(default_steps);
     let threads: i32 = std::env::var("THREADS")
         .ok()
         .map(|s| s.parse())

@@ -212,30 +212,7 @@ pub(crate) fn prune(out: &Path, keep: usize, current: &Path) -> Result<()> {
 /// Rewrites the metrics file keeping only rows of steps `≤ step`, so that a resumed run's rows
 /// continue without duplicates (rows written after the checkpoint it resumes from are dropped).
 pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let bytes = optimsyn_data_io::jsonl::read_file(path)?;
-    let text = String::from_utf8_lossy(&bytes);
-    let mut kept = String::new();
-    for line in text.lines() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
-            break; // a partial last line of a crash
-        };
-        if row
-            .get("step")
-            .and_then(|s| s.as_u64())
-            .is_some_and(|s| s <= step)
-        {
-            kept.push_str(line);
-            kept.push('\n');
-        }
-    }
-    optimsyn_data_io::write_atomic(path, kept.as_bytes())?;
-    Ok(())
+    Ok(optimsyn_data_io::truncate_rows_after(path, "step", step)?)
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 
 use optimsyn_data_io::{ChatExample, ChatFormat, ChatMessage, ChatTokenizer, read_jsonl};
-use optimsyn_influence::{InfluenceScorer, ProjectorKind, ScoreConfig, encode_examples, pearson, verify};
+use optimsyn_influence::{
+    InfluenceScorer, ProjectorKind, ScoreConfig, encode_examples, pearson, verify,
+};
 use optimsyn_lm::sft::{self, SftConfig};
 use optimsyn_lm::{CausalLm, DataInfo, LoadOptions, LoraAdapter, LoraConfig, Trainable};
 use serde_json::Value;
@@ -55,27 +57,71 @@ fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_ta
     let tok = ChatTokenizer::from_model_dir(&target).unwrap();
     let data = encode_examples(&tok, &warm, ChatFormat::Tulu, None).unwrap();
     let mut model = CausalLm::load(&target, LoadOptions::default()).unwrap();
-    let adapter = LoraAdapter::init(&mut model, LoraConfig { r: 8, alpha: 16.0, ..Default::default() }, 0).unwrap();
+    let adapter = LoraAdapter::init(
+        &mut model,
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let cfg = SftConfig { lr: 1e-3, batch_size: 8, warmup_ratio: 0.0, ..Default::default() };
-    let info = DataInfo { format: Some(ChatFormat::Tulu), ..Default::default() };
-    let report = sft::train(&mut model, Trainable::Lora(&adapter), &data, &cfg, &info, out.path(), &mut |_| {}).unwrap();
+    let cfg = SftConfig {
+        lr: 1e-3,
+        batch_size: 8,
+        warmup_ratio: 0.0,
+        ..Default::default()
+    };
+    let info = DataInfo {
+        format: Some(ChatFormat::Tulu),
+        ..Default::default()
+    };
+    let report = sft::train(
+        &mut model,
+        Trainable::Lora(&adapter),
+        &data,
+        &cfg,
+        &info,
+        out.path(),
+        &mut |_| {},
+    )
+    .unwrap();
     let ckpts = report.checkpoints;
     let val: Vec<ChatExample> = read_jsonl(demo().join("val.jsonl")).unwrap();
 
     let score = |kind: ProjectorKind| -> Vec<f64> {
-        let c = ScoreConfig { projector: kind, ..Default::default() };
+        let c = ScoreConfig {
+            projector: kind,
+            ..Default::default()
+        };
         let mut s = InfluenceScorer::new(&target, &ckpts, &val, c, LoadOptions::default()).unwrap();
-        s.score(&cands).unwrap().iter().map(|s| s.influence.unwrap()).collect()
+        s.score(&cands)
+            .unwrap()
+            .iter()
+            .map(|s| s.influence.unwrap())
+            .collect()
     };
     let exact = score(ProjectorKind::Exact);
-    let spread = exact.iter().copied().fold(f64::NEG_INFINITY, f64::max) - exact.iter().copied().fold(f64::INFINITY, f64::min);
+    let spread = exact.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        - exact.iter().copied().fold(f64::INFINITY, f64::min);
     assert!(spread > 0.05, "exact scores too flat: {spread}");
     let k = 8192;
-    for kind in [ProjectorKind::Dense { k, seed: 0 }, ProjectorKind::Sjlt { k, s: 4, seed: 0 }] {
+    for kind in [
+        ProjectorKind::Dense { k, seed: 0 },
+        ProjectorKind::Sjlt { k, s: 4, seed: 0 },
+    ] {
         let got = score(kind);
-        let worst = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(worst < 4.0 / (k as f64).sqrt(), "{kind:?}: worst |Δcos| {worst}");
+        let worst = got
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 4.0 / (k as f64).sqrt(),
+            "{kind:?}: worst |Δcos| {worst}"
+        );
         let rho = pearson(&ranks(&got), &ranks(&exact));
         eprintln!("{kind:?}: Spearman {rho:.4}, worst |Δcos| {worst:.4}");
         // The issue asks for 0.98; on this fixture dense measures 0.979 (many near-tied scores of
@@ -83,7 +129,10 @@ fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_ta
         assert!(rho >= 0.96, "{kind:?}: Spearman {rho}");
     }
 
-    let c = ScoreConfig { projector: ProjectorKind::Exact, ..Default::default() };
+    let c = ScoreConfig {
+        projector: ProjectorKind::Exact,
+        ..Default::default()
+    };
     let mut s = InfluenceScorer::new(&target, &ckpts, &val, c, LoadOptions::default()).unwrap();
     let r = verify(&mut s, &val, &cands[..24], 1e-4).unwrap();
     eprintln!("one-step Pearson {:.4}", r.pearson);

@@ -148,6 +148,18 @@ pub struct WarmupConfig {
     pub checkpoints: usize,
 }
 
+impl WarmupConfig {
+    /// The target adapter these settings describe (q/k/v/o).
+    pub fn lora(&self) -> optimsyn_lm::LoraConfig {
+        optimsyn_lm::LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for WarmupConfig {
     fn default() -> Self {
         WarmupConfig {

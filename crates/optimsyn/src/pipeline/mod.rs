@@ -440,12 +440,7 @@ pub fn stage1(
     )?;
     let mut target = CausalLm::load(&cfg.models.target, opts(cfg)?)?;
     let w = &cfg.warmup;
-    let lora = LoraConfig {
-        r: w.lora_r,
-        alpha: w.lora_alpha,
-        dropout: w.lora_dropout,
-        ..Default::default()
-    };
+    let lora = w.lora();
     let adapter = LoraAdapter::init(&mut target, lora, cfg.seed)?;
     let scfg = SftConfig {
         lr: w.lr,
@@ -572,7 +567,7 @@ pub fn stage2(
     )?;
     let start = trainer.step_count();
     let log_path = rl.join("influence.jsonl");
-    truncate_rows(&log_path, start)?;
+    optimsyn_data_io::truncate_rows_after(&log_path, "step", start)?;
     let mut log = optimsyn_data_io::JsonlWriter::append(&log_path)?;
     let pinfo = policy_info(cfg, "rl", cfg.grpo.rollout.temperature);
     let bar = indicatif::ProgressBar::new(cfg.steps);
@@ -645,24 +640,6 @@ pub fn stage2(
     Ok(all)
 }
 
-fn truncate_rows(path: &Path, keep: u64) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= keep)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes())?;
-    Ok(())
-}
-
 /// Stage 3: one rubric per seed (all seeds) from the policy (`trained`: the latest RL
 /// checkpoint's adapter; otherwise the untrained base), QA pairs written to
 /// `OUT/dataset-<tag>.jsonl`. Returns the valid examples.
@@ -728,12 +705,7 @@ pub fn finetune_and_eval(
     if let Some(data) = data {
         let train = optimsyn_influence::encode_examples(&tok, data, fmt, cfg.influence.max_len)?;
         let w = &cfg.warmup;
-        let lora = LoraConfig {
-            r: w.lora_r,
-            alpha: w.lora_alpha,
-            dropout: w.lora_dropout,
-            ..Default::default()
-        };
+        let lora = w.lora();
         let adapter = LoraAdapter::init(&mut target, lora, cfg.seed)?;
         let scfg = SftConfig {
             lr: w.lr,
