@@ -1,3 +1,753 @@
-//! optimsyn-lm benchmarks (filled in with docs/PERFORMANCE.md).
+//! Benchmarks of optimsyn-lm on the bench model that DESIGN.md ("Benchmarks") pins: Qwen3 shape,
+//! vocab 8192, hidden 512, 8 layers, ~29M parameters, seeded random weights, fp32 on the CPU with
+//! 2 threads (`THREADS` overrides).
+//!
+//! - `lm/forward_logprobs/8x256`: `sequence_logprobs` of 8 rows of 256 tokens (no grad).
+//! - `lm/generate_greedy/b1`, `b8`: greedy `generate`, prompts of 32 random ids in `[3, vocab)`,
+//!   128 new tokens, no stop tokens (so exactly 128 per row).
+//! - `reference/matmul_f32/…`: a plain matmul of the forward's MLP shape (2048×512 · 512×1536)
+//!   and a 2048³ square one; throughput is FLOPs, so criterion's `Gelem/s` reads as GFLOP/s.
+//! - `reference/matvec_f32/…`: matrix-vector products over 128 MiB of weights (one matrix, and
+//!   every weight matrix of the bench model in turn, as one batch-1 decode step reads them);
+//!   throughput is bytes read.
+//!
+//! The bench model folder is written once by `../shared/bench/anchors/make_bench_model.py` (run
+//! with `OPTIMSYN_PYTHON`, else `python3`; it needs torch and transformers, which `cargo xtask
+//! bootstrap` installs) into `$OPTIMSYN_CACHE/bench/` (else `$XDG_CACHE_HOME/optimsyn/bench/`, else
+//! `~/.cache/optimsyn/bench/`), and reused. `OPTIMSYN_BENCH_MODEL=DIR` uses a given folder instead,
+//! `OPTIMSYN_SHARED=DIR` a `shared/` folder elsewhere than beside the workspace.
+//!
+//! Modes:
+//! - `cargo bench -p optimsyn-lm --bench lm`: criterion, full shapes.
+//! - `cargo test --all-targets` (criterion's test mode): each benchmark runs once on small shapes
+//!   (forward 2×32, 8 new tokens, small matrices), checking that everything works.
+//! - `OPTIMSYN_BENCH_JSON=1` (run the built binary directly, or through `cargo bench`): no
+//!   criterion; prints one JSON object with best-of-N figures and peak memory, for
+//!   `python/bench/lm_compare.py`. `WHICH=forward,generate,matmul,matvec` selects parts (default:
+//!   all; `prepare` only writes the bench model and prints its folder, `load` only loads it, for a
+//!   memory baseline), `BATCHES=1,8` the generation batch sizes, `REPS=N` the repetitions
+//!   (default: 3 for the forward, 2 for generation, as `python_baselines.py` does).
 
-fn main() {}
+use std::cell::OnceCell;
+use std::env;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use optimsyn_lm::{CausalLm, LoadOptions, SamplingParams, row_key};
+use tch::{Device, Kind, Tensor};
+
+/// Workload sizes: the issue's in benchmark mode, small ones in criterion's test mode.
+#[derive(Debug, Clone, Copy)]
+struct Shapes {
+    fwd_rows: usize,
+    fwd_len: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    /// `[m, k] · [k, n]` of the model-shaped matmul.
+    matmul: (i64, i64, i64),
+    /// Side of the square matmul.
+    square: i64,
+    /// `[rows, cols]` of the plain matrix-vector probe.
+    matvec: (i64, i64),
+}
+
+const FULL: Shapes = Shapes {
+    fwd_rows: 8,
+    fwd_len: 256,
+    prompt_len: 32,
+    new_tokens: 128,
+    matmul: (2048, 512, 1536),
+    square: 2048,
+    matvec: (8192, 4096),
+};
+
+const SMOKE: Shapes = Shapes {
+    fwd_rows: 2,
+    fwd_len: 32,
+    prompt_len: 32,
+    new_tokens: 8,
+    matmul: (64, 64, 64),
+    square: 96,
+    matvec: (256, 256),
+};
+
+fn threads() -> i32 {
+    env::var("THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(2)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..")
+}
+
+fn shared_dir() -> PathBuf {
+    env::var_os("OPTIMSYN_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("..").join("shared"))
+}
+
+fn cache_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = env::var_os("OPTIMSYN_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("optimsyn"));
+    }
+    env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache").join("optimsyn"))
+        .ok_or_else(|| "set OPTIMSYN_CACHE (no HOME to put the bench model under)".to_string())
+}
+
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+/// The bench model folder: `OPTIMSYN_BENCH_MODEL`, else a cached one, written on first use by
+/// `make_bench_model.py` (the folder name carries a hash of the script and the shape's config, so a
+/// change to either writes a fresh one).
+fn bench_model_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = env::var_os("OPTIMSYN_BENCH_MODEL") {
+        let dir = PathBuf::from(dir);
+        if !dir.join("config.json").is_file() {
+            return Err(format!(
+                "OPTIMSYN_BENCH_MODEL={}: no config.json there",
+                dir.display()
+            ));
+        }
+        return Ok(dir);
+    }
+    let shared = shared_dir();
+    let script = shared
+        .join("bench")
+        .join("anchors")
+        .join("make_bench_model.py");
+    let config = shared.join("bench").join("qwen3-30m").join("config.json");
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| {
+            format!(
+                "bench model: cannot read {} ({e}). The benchmarks need the project's shared/ folder beside the \
+                 workspace (CI copies it to <repo>/../shared); set OPTIMSYN_SHARED to it, or OPTIMSYN_BENCH_MODEL to \
+                 a folder that make_bench_model.py wrote",
+                p.display()
+            )
+        })
+    };
+    let key = fnv1a(fnv1a(0xcbf29ce484222325, &read(&script)?), &read(&config)?);
+    let dir = cache_dir()?
+        .join("bench")
+        .join(format!("qwen3-30m-seed0-{:08x}", key as u32));
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    let parent = dir
+        .parent()
+        .ok_or("bench model: cache folder has no parent")?;
+    std::fs::create_dir_all(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    // Write beside, then rename: a concurrent or interrupted run never leaves a half folder in place.
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("m")
+    ));
+    let python = env::var_os("OPTIMSYN_PYTHON").unwrap_or_else(|| "python3".into());
+    eprintln!(
+        "bench model: writing {} with {} {}",
+        dir.display(),
+        python.to_string_lossy(),
+        script.display()
+    );
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| {
+            format!(
+                "bench model: cannot run {} ({e}); set OPTIMSYN_PYTHON",
+                python.to_string_lossy()
+            )
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(format!(
+            "bench model: `{} {} DIR` failed ({}); it needs torch and transformers (`cargo xtask bootstrap` installs \
+             them into OPTIMSYN_PYTHON):\n{}",
+            python.to_string_lossy(),
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join("model.safetensors").is_file() {
+            return Err(format!(
+                "bench model: cannot move it to {}: {e}",
+                dir.display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+struct Bench {
+    model: CausalLm,
+    dir: PathBuf,
+    params: i64,
+    vocab: i64,
+}
+
+fn load() -> Result<Bench, String> {
+    let dir = bench_model_dir()?;
+    let model = CausalLm::load(&dir, LoadOptions::default())
+        .map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let params = model
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let vocab = model.config().vocab_size as i64;
+    Ok(Bench {
+        model,
+        dir,
+        params,
+        vocab,
+    })
+}
+
+/// The model, loaded on first use (so that `--list` or a filter that skips every model benchmark
+/// neither writes nor loads it).
+fn bench_model(cell: &OnceCell<Bench>) -> &Bench {
+    cell.get_or_init(|| load().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// `rows` rows of `len` seeded random ids in `[3, vocab)`.
+fn random_rows(rows: usize, len: usize, vocab: i64, seed: i64) -> Vec<Vec<u32>> {
+    tch::manual_seed(seed);
+    let t = Tensor::randint_low(
+        3,
+        vocab,
+        [rows as i64 * len as i64],
+        (Kind::Int64, Device::Cpu),
+    );
+    let flat = Vec::<i64>::try_from(&t).expect("random ids");
+    flat.chunks(len)
+        .map(|c| c.iter().map(|&x| x as u32).collect())
+        .collect()
+}
+
+/// Scores the rows; returns the sum of every log-prob (a digest for comparing builds).
+fn forward(b: &Bench, rows: &[Vec<u32>]) -> f64 {
+    let seqs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let lp = b
+        .model
+        .sequence_logprobs(&seqs, 1.0)
+        .expect("sequence_logprobs");
+    assert_eq!(lp.len(), rows.len());
+    black_box(lp).iter().flatten().map(|&x| f64::from(x)).sum()
+}
+
+/// Generates greedily; returns a hash of every generated token.
+fn generate(b: &Bench, prompts: &[Vec<u32>], new_tokens: usize) -> u64 {
+    let p: Vec<&[u32]> = prompts.iter().map(|r| r.as_slice()).collect();
+    let keys: Vec<u64> = (0..p.len()).map(|i| row_key(&format!("row-{i}"))).collect();
+    // No stop tokens: every row produces exactly `new_tokens`.
+    let params = SamplingParams::greedy(new_tokens);
+    let out = b.model.generate(&p, &keys, &params).expect("generate");
+    assert!(
+        out.iter().all(|g| g.tokens.len() == new_tokens),
+        "a row stopped early"
+    );
+    // A digest of the tokens, for checking that a faster build still generates the same ones.
+    black_box(out)
+        .iter()
+        .flat_map(|g| &g.tokens)
+        .fold(0xcbf29ce484222325, |h, &t| fnv1a(h, &t.to_le_bytes()))
+}
+
+/// Random f32 operands of a `[m, k] · [k, n]` matmul.
+fn matmul_operands(m: i64, k: i64, n: i64) -> (Tensor, Tensor) {
+    tch::manual_seed(1);
+    (
+        Tensor::randn([m, k], (Kind::Float, Device::Cpu)),
+        Tensor::randn([k, n], (Kind::Float, Device::Cpu)),
+    )
+}
+
+/// Weight matrices as one batch-1 decode step reads them: every 2-D weight of the model (the tied
+/// embedding once, as the output projection), each applied to a `[1, 1, in]` input with `linear`.
+fn model_matvec_bytes(b: &Bench) -> i64 {
+    b.model
+        .named_parameters()
+        .iter()
+        .filter(|(_, t)| t.dim() == 2)
+        .map(|(_, t)| t.numel() as i64 * 4)
+        .sum()
+}
+
+/// Bytes of the bench model's 2-D weights (decoder projections and the tied embedding, f32):
+/// 8 · (2·512² + 2·512·256 + 3·512·1536) + 8192·512 = 29,360,128 values.
+const BENCH_MODEL_WEIGHT_BYTES: u64 = 29_360_128 * 4;
+
+fn model_matvecs(inputs: &[(Tensor, &Tensor)]) {
+    for (x, w) in inputs {
+        let _ = black_box(x.linear::<&Tensor>(w, None));
+    }
+}
+
+/// The same products with each weight's rows split into `parts` blocks and run as one `bmm`
+/// (`[parts, out/parts, in] · [parts, in, 1]`): libtorch's batched GEMM spreads the blocks over the
+/// threads, where MKL's `sgemv` (what `linear` calls for one row) runs on one thread on this CPU.
+/// The result is the same `x W^T`.
+fn model_matvecs_split(inputs: &[(Tensor, &Tensor)], parts: i64) {
+    for (x, w) in inputs {
+        let (o, i) = (w.size()[0], w.size()[1]);
+        let y = w
+            .view([parts, o / parts, i])
+            .bmm(&x.view([1, i, 1]).expand([parts, i, 1], false))
+            .view([1, 1, o]);
+        let _ = black_box(y);
+    }
+}
+
+fn model_matvec_inputs(b: &Bench) -> Vec<(Tensor, &Tensor)> {
+    b.model
+        .named_parameters()
+        .into_iter()
+        .filter(|(_, t)| t.dim() == 2)
+        .map(|(_, w)| {
+            (
+                Tensor::randn([1, 1, w.size()[1]], (Kind::Float, Device::Cpu)),
+                w,
+            )
+        })
+        .collect()
+}
+
+/// Criterion's own rule: test mode unless `--bench` is given without `--test`.
+fn criterion_test_mode() -> bool {
+    let args: Vec<String> = env::args().collect();
+    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
+}
+
+fn criterion_benches(c: &mut Criterion, s: Shapes) {
+    let _guard = tch::no_grad_guard();
+    let model = &OnceCell::new();
+    {
+        let mut g = c.benchmark_group("lm");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(10));
+        g.throughput(Throughput::Elements((s.fwd_rows * s.fwd_len) as u64));
+        let mut rows = None;
+        g.bench_function(
+            format!("forward_logprobs/{}x{}", s.fwd_rows, s.fwd_len),
+            |bch| {
+                let b = bench_model(model);
+                let rows =
+                    rows.get_or_insert_with(|| random_rows(s.fwd_rows, s.fwd_len, b.vocab, 0));
+                bch.iter(|| forward(b, rows))
+            },
+        );
+        for batch in [1usize, 8] {
+            g.throughput(Throughput::Elements((batch * s.new_tokens) as u64));
+            g.measurement_time(Duration::from_secs(if batch == 1 { 15 } else { 25 }));
+            let mut prompts = None;
+            g.bench_function(format!("generate_greedy/b{batch}"), |bch| {
+                let b = bench_model(model);
+                let prompts = prompts
+                    .get_or_insert_with(|| random_rows(batch, s.prompt_len, b.vocab, batch as i64));
+                bch.iter(|| generate(b, prompts, s.new_tokens))
+            });
+        }
+        g.finish();
+    }
+    let mut g = c.benchmark_group("reference");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (m, k, n) in [s.matmul, (s.square, s.square, s.square)] {
+        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let mut ops = None;
+        g.bench_function(format!("matmul_f32/{m}x{k}x{n}"), |bch| {
+            let (a, w) = ops.get_or_insert_with(|| matmul_operands(m, k, n));
+            bch.iter(|| black_box(a.matmul(w)))
+        });
+    }
+    let (r, cols) = s.matvec;
+    g.throughput(Throughput::Bytes((r * cols * 4) as u64));
+    let mut ops = None;
+    g.bench_function(format!("matvec_f32/{r}x{cols}"), |bch| {
+        let (w, x) = ops.get_or_insert_with(|| {
+            tch::manual_seed(2);
+            (
+                Tensor::randn([r, cols], (Kind::Float, Device::Cpu)),
+                Tensor::randn([cols], (Kind::Float, Device::Cpu)),
+            )
+        });
+        bch.iter(|| black_box(w.mv(x)))
+    });
+    // The bench model's weights: 117 MB at full size (an estimate sets the throughput without
+    // loading the model before the filter has picked this benchmark).
+    g.throughput(Throughput::Bytes(BENCH_MODEL_WEIGHT_BYTES));
+    let mut inputs = None;
+    g.bench_function("matvec_f32/bench_model_weights", |bch| {
+        let b = bench_model(model);
+        let inputs = inputs.get_or_insert_with(|| model_matvec_inputs(b));
+        bch.iter(|| model_matvecs(inputs))
+    });
+    g.finish();
+}
+
+// ---- JSON mode (for python/bench/lm_compare.py) ----
+
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up, as python_baselines.py does
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// A `VmHWM`/`VmRSS` line of `/proc/self/status`, in MiB (Linux only).
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+/// A JSON value, enough for one flat object of figures (the bench has no JSON dependency).
+enum J {
+    Null,
+    Num(f64),
+    Int(i64),
+    Str(String),
+    Arr(Vec<J>),
+}
+
+impl From<f64> for J {
+    fn from(x: f64) -> Self {
+        if x.is_finite() { J::Num(x) } else { J::Null }
+    }
+}
+impl From<Option<f64>> for J {
+    fn from(x: Option<f64>) -> Self {
+        x.map_or(J::Null, J::from)
+    }
+}
+impl From<i64> for J {
+    fn from(x: i64) -> Self {
+        J::Int(x)
+    }
+}
+impl From<i32> for J {
+    fn from(x: i32) -> Self {
+        J::Int(i64::from(x))
+    }
+}
+impl From<&str> for J {
+    fn from(x: &str) -> Self {
+        J::Str(x.to_string())
+    }
+}
+impl From<String> for J {
+    fn from(x: String) -> Self {
+        J::Str(x)
+    }
+}
+impl<const N: usize> From<[i64; N]> for J {
+    fn from(x: [i64; N]) -> Self {
+        J::Arr(x.into_iter().map(J::Int).collect())
+    }
+}
+
+impl std::fmt::Display for J {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            J::Null => write!(f, "null"),
+            J::Num(x) => write!(f, "{x}"),
+            J::Int(x) => write!(f, "{x}"),
+            J::Str(s) => {
+                write!(f, "\"")?;
+                for c in s.chars() {
+                    match c {
+                        '"' => write!(f, "\\\"")?,
+                        '\\' => write!(f, "\\\\")?,
+                        c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                        c => write!(f, "{c}")?,
+                    }
+                }
+                write!(f, "\"")
+            }
+            J::Arr(v) => {
+                write!(f, "[")?;
+                for (i, x) in v.iter().enumerate() {
+                    write!(f, "{}{x}", if i > 0 { "," } else { "" })?;
+                }
+                write!(f, "]")
+            }
+        }
+    }
+}
+
+/// An ordered JSON object, printed on one line.
+#[derive(Default)]
+struct Obj(Vec<(String, J)>);
+
+impl Obj {
+    fn insert(&mut self, key: impl Into<String>, value: J) {
+        self.0.push((key.into(), value));
+    }
+}
+
+impl std::fmt::Display for Obj {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{{")?;
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            write!(
+                f,
+                "{}{}:{v}",
+                if i > 0 { "," } else { "" },
+                J::Str(k.clone())
+            )?;
+        }
+        write!(f, "}}")
+    }
+}
+
+fn json_mode() -> Result<(), String> {
+    let which: Vec<String> = env::var("WHICH")
+        .unwrap_or_else(|_| "forward,generate,matmul,matvec".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let has = |w: &str| which.iter().any(|x| x == w);
+    let reps: Option<usize> = env::var("REPS").ok().and_then(|r| r.parse().ok());
+    let s = FULL;
+    let n = threads();
+    tch::set_num_threads(n);
+    let mut out = Obj::default();
+    out.insert("side", J::from("optimsyn"));
+    out.insert("threads", J::from(n));
+    if has("prepare") {
+        out.insert(
+            "model_dir",
+            J::from(bench_model_dir()?.display().to_string()),
+        );
+        println!("{out}");
+        return Ok(());
+    }
+    out.insert(
+        "rss_start_mib",
+        J::from(proc_status_mib("VmRSS:").map(|x| round(x, 1))),
+    );
+    let _guard = tch::no_grad_guard();
+    let needs_model = has("load") || has("forward") || has("generate") || has("matvec");
+    let b = if needs_model { Some(load()?) } else { None };
+    if let Some(b) = &b {
+        out.insert("model_dir", J::from(b.dir.display().to_string()));
+        out.insert("params", J::from(b.params));
+        out.insert(
+            "rss_after_load_mib",
+            J::from(proc_status_mib("VmRSS:").map(|x| round(x, 1))),
+        );
+    }
+    if let (true, Some(b)) = (has("forward"), &b) {
+        let rows = random_rows(s.fwd_rows, s.fwd_len, b.vocab, 0);
+        let mut digest = 0.0;
+        let t = best_of(reps.unwrap_or(3), || digest = forward(b, &rows));
+        out.insert("forward_logprob_sum", J::from(digest));
+        let tokens = (s.fwd_rows * s.fwd_len) as f64;
+        out.insert("forward_s", J::from(round(t, 4)));
+        out.insert("forward_tok_s", J::from(round(tokens / t, 1)));
+        // The same count as python_baselines.py: 2 FLOPs per parameter per token (attention excluded).
+        out.insert(
+            "forward_gflop_s",
+            J::from(round(2.0 * b.params as f64 * tokens / t / 1e9, 1)),
+        );
+    }
+    if let (true, Some(b)) = (has("generate"), &b) {
+        let batches: Vec<usize> = env::var("BATCHES")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 8]);
+        for batch in batches {
+            let prompts = random_rows(batch, s.prompt_len, b.vocab, batch as i64);
+            let mut digest = 0;
+            let t = best_of(reps.unwrap_or(2), || {
+                digest = generate(b, &prompts, s.new_tokens)
+            });
+            out.insert(
+                format!("generate_b{batch}_tokens_fnv"),
+                J::from(format!("{digest:016x}")),
+            );
+            out.insert(format!("generate_b{batch}_s"), J::from(round(t, 4)));
+            out.insert(
+                format!("generate_b{batch}_tok_s"),
+                J::from(round((batch * s.new_tokens) as f64 / t, 1)),
+            );
+        }
+    }
+    if has("matmul") {
+        for (name, (m, k, n)) in [
+            ("matmul", s.matmul),
+            ("matmul_square", (s.square, s.square, s.square)),
+        ] {
+            let (a, w) = matmul_operands(m, k, n);
+            let t = best_of(reps.unwrap_or(5).max(5), || {
+                let _ = black_box(a.matmul(&w));
+            });
+            out.insert(format!("{name}_shape"), J::from([m, k, n]));
+            out.insert(
+                format!("{name}_gflop_s"),
+                J::from(round(2.0 * (m * k * n) as f64 / t / 1e9, 1)),
+            );
+        }
+    }
+    if has("matvec") {
+        let (r, c) = s.matvec;
+        tch::manual_seed(2);
+        let w = Tensor::randn([r, c], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([c], (Kind::Float, Device::Cpu));
+        let t = best_of(10, || {
+            let _ = black_box(w.mv(&x));
+        });
+        let bw = (r * c * 4) as f64 / t;
+        out.insert("matvec_shape", J::from([r, c]));
+        out.insert("matvec_gb_s", J::from(round(bw / 1e9, 2)));
+        // A pure streaming read of the same 128 MiB (a sum): what the memory system gives, as an
+        // upper bound for any matrix-vector kernel.
+        let t_read = best_of(10, || {
+            let _ = black_box(w.sum(Kind::Float));
+        });
+        out.insert(
+            "read_gb_s",
+            J::from(round((r * c * 4) as f64 / t_read / 1e9, 2)),
+        );
+        drop((w, x));
+        if let Some(b) = &b {
+            let bytes = model_matvec_bytes(b) as f64;
+            let inputs = model_matvec_inputs(b);
+            let t_model = best_of(10, || model_matvecs(&inputs));
+            out.insert("weight_bytes_per_token", J::from(bytes as i64));
+            out.insert(
+                "model_matvec_gb_s",
+                J::from(round(bytes / t_model / 1e9, 2)),
+            );
+            // Batch-1 decoding reads every weight once per token: this is the rate at which the
+            // measured matrix-vector bandwidth can stream them.
+            out.insert("bw_limit_b1_tok_s", J::from(round(bw / bytes, 1)));
+            out.insert("model_matvec_tok_s", J::from(round(1.0 / t_model, 1)));
+            let parts = i64::from(n.max(1));
+            if inputs.iter().all(|(_, w)| w.size()[0] % parts == 0) {
+                let (x, w) = &inputs[0];
+                let diff = f64::try_from(
+                    (x.linear::<&Tensor>(w, None)
+                        - w.view([parts, -1, w.size()[1]])
+                            .bmm(&x.view([1, -1, 1]).expand([parts, -1, 1], false))
+                            .view([1, 1, -1]))
+                    .abs()
+                    .max(),
+                )
+                .unwrap_or(f64::NAN);
+                assert!(diff < 1e-3, "split matvec differs from linear by {diff}");
+                let t_split = best_of(10, || model_matvecs_split(&inputs, parts));
+                out.insert(
+                    "model_matvec_split_gb_s",
+                    J::from(round(bytes / t_split / 1e9, 2)),
+                );
+                out.insert("model_matvec_split_tok_s", J::from(round(1.0 / t_split, 1)));
+            }
+        }
+    }
+    if let (true, Some(b)) = (has("linears"), &b) {
+        // Diagnostic (not in the default set): the decode step's weight products at 1 and 8 rows,
+        // through `linear` (what the model runs), the split `bmm`, and oneDNN (`mkldnn_linear`).
+        let bytes = model_matvec_bytes(b) as f64;
+        let parts = i64::from(n.max(1));
+        let weights: Vec<&Tensor> = b
+            .model
+            .named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.dim() == 2)
+            .map(|(_, w)| w)
+            .collect();
+        let onednn: Vec<Tensor> = weights.iter().map(|w| w.g_to_mkldnn(None)).collect();
+        for rows in [1i64, 8] {
+            let xs: Vec<Tensor> = weights
+                .iter()
+                .map(|w| Tensor::randn([rows, 1, w.size()[1]], (Kind::Float, Device::Cpu)))
+                .collect();
+            let t_lin = best_of(10, || {
+                for (x, w) in xs.iter().zip(&weights) {
+                    let _ = black_box(x.linear::<&Tensor>(w, None));
+                }
+            });
+            let t_split = best_of(10, || {
+                for (x, w) in xs.iter().zip(&weights) {
+                    let (o, i) = (w.size()[0], w.size()[1]);
+                    let xt = x
+                        .view([1, rows, i])
+                        .transpose(1, 2)
+                        .expand([parts, i, rows], false);
+                    let y = w.view([parts, o / parts, i]).bmm(&xt); // [parts, o/parts, rows]
+                    let _ = black_box(y.permute([2, 0, 1]).reshape([rows, 1, o]));
+                }
+            });
+            let t_dnn = best_of(10, || {
+                for (x, w) in xs.iter().zip(&onednn) {
+                    let xm = x.view([rows, -1]).g_to_mkldnn(None);
+                    let _ = black_box(xm.mkldnn_linear(w, None::<Tensor>).to_dense(None, false));
+                }
+            });
+            for (name, t) in [("linear", t_lin), ("split", t_split), ("onednn", t_dnn)] {
+                out.insert(
+                    format!("linears_b{rows}_{name}_gb_s"),
+                    J::from(round(bytes / t / 1e9, 2)),
+                );
+                out.insert(
+                    format!("linears_b{rows}_{name}_tok_s"),
+                    J::from(round(rows as f64 / t, 1)),
+                );
+            }
+        }
+    }
+    out.insert(
+        "peak_rss_mib",
+        J::from(proc_status_mib("VmHWM:").map(|x| round(x, 1))),
+    );
+    println!("{out}");
+    Ok(())
+}
+
+fn main() {
+    if env::var_os("OPTIMSYN_BENCH_JSON").is_some_and(|v| v != "0") {
+        if let Err(e) = json_mode() {
+            eprintln!("lm bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    tch::set_num_threads(threads());
+    let shapes = if criterion_test_mode() { SMOKE } else { FULL };
+    let mut c = Criterion::default().configure_from_args();
+    criterion_benches(&mut c, shapes);
+    c.final_summary();
+}
