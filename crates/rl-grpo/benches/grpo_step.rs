@@ -48,9 +48,20 @@ fn main() -> Result<(), Box<dyn Error>> {
     // (`make_bench_model.py DIR`, then `cargo bench -p optimsyn-rl-grpo --bench grpo_step -- DIR`).
     let (dir, default_steps) = match args.first() {
         Some(d) => (d.clone(), 4),
-        None => (concat!(env!("CARGO_MANIFEST_DIR"), "/../optimsyn/demo/models/target").to_string(), 1),
+        None => (
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../optimsyn/demo/models/target"
+            )
+            .to_string(),
+            1,
+        ),
     };
-    let steps: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(default_steps);
+    let steps: u64 = args
+        .get(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(default_steps);
     let threads: i32 = std::env::var("THREADS")
         .ok()
         .map(|s| s.parse())
