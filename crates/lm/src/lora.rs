@@ -437,6 +437,9 @@ impl LinearAdapter for LoraLayer {
                 .key
                 .lock()
                 .map_err(|_| Error::input("LoRA state poisoned by a panic"))?;
+            if g.disabled {
+                return Ok(base);
+            }
             if let Some(slots) = g.probes.as_mut() {
                 // Dropout is off while probing (influence uses the deterministic model).
                 let f = || -> std::result::Result<(Tensor, Captured), tch::TchError> {

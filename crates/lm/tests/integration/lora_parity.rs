@@ -1,5 +1,5 @@
 //! LoRA parity with PEFT on the committed fixtures (`python/fixtures/lora_parity.py`): adapted and
-//! merged log-probs, gradients of the SFT loss (f64), and three AdamW steps with weight decay,
+//! merged and bypassed (adapter disabled) log-probs, gradients of the SFT loss (f64), and three AdamW steps with weight decay,
 //! clipping and a warm-up schedule against `torch.optim.AdamW`.
 
 use std::path::PathBuf;
@@ -119,6 +119,19 @@ fn adapted_and_merged_logprobs_equal_peft() {
             max_abs_diff(&got[3], &base[3]) > 0.1,
             "{name}: the adapter must matter"
         );
+        // Bypassed (PEFT's `disable_adapter`), the model computes as its base; restored, as before.
+        adapter.set_enabled(false).expect("disable");
+        let bypassed = model.sequence_logprobs(&rows, 1.0).expect("bypassed");
+        for (i, (g, w)) in bypassed.iter().zip(&base).enumerate() {
+            let d = max_abs_diff(g, w);
+            assert!(
+                d < 1e-4,
+                "{name} row {i}: adapter disabled, |Δ| vs base {d}"
+            );
+        }
+        adapter.set_enabled(true).expect("enable");
+        let again = model.sequence_logprobs(&rows, 1.0).expect("restored");
+        assert!(max_abs_diff(&again[3], &got[3]) < 1e-6, "{name}: restored");
         adapter.merge_into(&mut model).expect("merge");
         let merged = model.sequence_logprobs(&rows, 1.0).expect("merged");
         for (g, w) in merged
