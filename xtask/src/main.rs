@@ -8,9 +8,14 @@
 //! Python packages that tests call, so tests never depend on what a machine happens to have.
 //!
 //! Tasks:
-//! - `test [ARGS]`: the whole test suite (unit, integration, doc tests; benches in test mode).
+//! - `test [ARGS]`: the whole test suite (unit, integration, doc tests; examples run, benches in
+//!   test mode), then `cargo doc` with warnings as errors, then `downstream`.
+//! - `downstream`: builds and runs a throwaway project outside the workspace that depends on
+//!   optimsyn-influence and optimsyn-rl-grpo by path, set up exactly as the README's library
+//!   section says (its manifest and build script are taken from the README itself).
 //! - `demo [ARGS]`: `optimsyn demo`, the embedded end-to-end run.
-//! - `bench [ARGS]`: criterion benchmarks.
+//! - `bench [--quick] [ARGS]`: every benchmark (`cargo bench -p optimsyn-examples`); `--quick`
+//!   runs each once on tiny shapes, proving they work without judging speed.
 //! - `env`: shell `export` lines for running plain `cargo` with the same libtorch.
 //! - `bootstrap`: only install (idempotent).
 //! - `fixtures`: regenerate the committed parity fixtures with transformers (needs PyPI).
@@ -33,6 +38,7 @@ fn main() -> ExitCode {
         "test" => test(&rest),
         "demo" => demo(&rest),
         "bench" => bench(&rest),
+        "downstream" => downstream(),
         "env" => print_env(),
         "bootstrap" => bootstrap().map(|b| {
             eprintln!("libtorch: {}", b.libtorch.display());
@@ -41,10 +47,11 @@ fn main() -> ExitCode {
         "fixtures" => fixtures(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|demo|bench|env|bootstrap|fixtures> [ARGS]\n\n\
+                "usage: cargo xtask <test|demo|bench|downstream|env|bootstrap|fixtures> [ARGS]\n\n\
                  test       run the whole test suite (installs libtorch first)\n\
                  demo       run `optimsyn demo` (installs libtorch first)\n\
-                 bench      run the criterion benchmarks (ARGS go to criterion, e.g. -- --quick)\n\
+                 bench      run every benchmark; --quick: each once on tiny shapes\n\
+                 downstream build and run a project outside the workspace that uses the crates\n\
                  env        print `export` lines to use plain cargo with the same libtorch\n\
                  bootstrap  only install libtorch and the test Python packages\n\
                  fixtures   regenerate parity fixtures with transformers (needs PyPI)"
@@ -258,7 +265,16 @@ fn test(args: &[String]) -> Result<()> {
     run(
         cargo(&b).args(["test", "--workspace", "--doc"]).args(args),
         "cargo test --doc",
-    )
+    )?;
+    run(
+        cargo(&b)
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+        "cargo doc",
+    )?;
+    // Not a `cargo test` test: cargo holds the target directory's lock while tests run, so a
+    // nested build sharing it would wait forever.
+    downstream_with(&b)
 }
 
 fn demo(args: &[String]) -> Result<()> {
@@ -273,10 +289,135 @@ fn demo(args: &[String]) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let b = bootstrap()?;
-    run(
-        cargo(&b).args(["bench", "--workspace"]).args(args),
-        "cargo bench",
-    )
+    let quick = args.iter().any(|a| a == "--quick");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--quick").collect();
+    let mut cmd = cargo(&b);
+    cmd.args(["bench", "-p", "optimsyn-examples"]).args(&rest);
+    if quick {
+        // Criterion's test mode (each benchmark once); the other benches honour the flag too.
+        if !rest.iter().any(|a| *a == "--") {
+            cmd.arg("--");
+        }
+        cmd.arg("--test");
+    }
+    run(&mut cmd, "cargo bench")
+}
+
+fn downstream() -> Result<()> {
+    downstream_with(&bootstrap()?)
+}
+
+/// The fenced block of `lang` after `heading` in the README.
+fn readme_block(readme: &str, heading: &str, lang: &str) -> Result<String> {
+    let section = readme
+        .split_once(heading)
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| format!("README.md has no `{heading}` section"))?;
+    let fence = format!("```{lang}\n");
+    let start = section
+        .find(&fence)
+        .ok_or_else(|| format!("README.md `{heading}`: no ```{lang} block"))?
+        + fence.len();
+    let len = section[start..]
+        .find("```")
+        .ok_or_else(|| format!("README.md `{heading}`: unterminated ```{lang} block"))?;
+    Ok(section[start..start + len].to_string())
+}
+
+/// The downstream project's code: a few lines of optimsyn-influence's and optimsyn-rl-grpo's
+/// public API.
+const DOWNSTREAM_MAIN: &str = r#"use optimsyn_influence::{Projector, ProjectorKind, pearson};
+use optimsyn_rl_grpo::{CategoricalPolicy, GrpoConfig, Prompt, Reference, Trainer, reward_fn};
+use tch::{Device, Kind, Tensor};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A seeded sparse JL projection keeps inner products.
+    let (p, k) = (4096, 2048);
+    let proj = Projector::new(ProjectorKind::Sjlt { k, s: 4, seed: 7 }, p, 0)?;
+    tch::manual_seed(0);
+    let x = Tensor::randn([6, p as i64], (Kind::Float, Device::Cpu));
+    let y = proj.project(&x)?;
+    let gram = |t: &Tensor| -> Vec<f64> {
+        Vec::<f64>::try_from(t.matmul(&t.tr()).flatten(0, -1).to_kind(Kind::Double)).unwrap_or_default()
+    };
+    let r = pearson(&gram(&x), &gram(&y));
+    assert!(r > 0.99, "projection lost the inner products: Pearson {r}");
+
+    // GRPO teaches a toy policy to emit token 3.
+    let policy = CategoricalPolicy::new(4, 8, 0.0, 0, Kind::Float)?;
+    let prompts: Vec<Prompt> = (0..8).map(|i| Prompt::new(format!("p{i}"), vec![1, 2])).collect();
+    let mut config = GrpoConfig::default();
+    config.group_size = 8;
+    config.prompts_per_step = 4;
+    config.mini_batch_prompts = 4;
+    config.rollout.temperature = 1.0;
+    config.loss.kl_coef = 0.0;
+    config.optimizer.lr = 0.1;
+    let mut trainer = Trainer::new(config, policy, Reference::None, prompts)?;
+    let mut reward = reward_fn(|batch| {
+        batch.rollouts.iter()
+            .map(|r| r.completion.tokens.iter().filter(|&&t| t == 3).count() as f64)
+            .collect()
+    });
+    let metrics = trainer.train(&mut reward, 20)?;
+    let (first, last) = (&metrics[0], &metrics[metrics.len() - 1]);
+    assert!(last.reward.mean > first.reward.mean + 1.0, "{} -> {}", first.reward.mean, last.reward.mean);
+    println!("downstream ok: projection Pearson {r:.4}; GRPO reward {:.2} -> {:.2}", first.reward.mean, last.reward.mean);
+    Ok(())
+}
+"#;
+
+fn downstream_with(b: &Bootstrap) -> Result<()> {
+    let root = root();
+    let readme_path = root.join("README.md");
+    let readme = fs::read_to_string(&readme_path)
+        .map_err(|e| format!("cannot read {}: {e}", readme_path.display()))?;
+    let heading = "## Using the crates from another project";
+    // The README's paths are written for a checkout beside the project (`../optimsyn/crates/…`).
+    let manifest = readme_block(&readme, heading, "toml")?
+        .replace("../optimsyn/", &format!("{}/", root.display()));
+    let build_rs = readme_block(&readme, heading, "rust,ignore")?;
+    let dir = env::temp_dir().join(format!("optimsyn-downstream-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("src"))
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
+    };
+    write(
+        "Cargo.toml",
+        &format!(
+            "[package]\nname = \"downstream-check\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n\n\
+             {manifest}\n# Not part of any workspace above this folder.\n[workspace]\n"
+        ),
+    )?;
+    write("build.rs", &build_rs)?;
+    write("src/main.rs", DOWNSTREAM_MAIN)?;
+    // The workspace's lockfile and target folder: the same dependency versions, already built.
+    fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock"))
+        .map_err(|e| format!("cannot copy Cargo.lock: {e}"))?;
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    eprintln!(
+        "downstream: building {} against {}",
+        dir.display(),
+        root.display()
+    );
+    let result = run(
+        cargo(b)
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["run", "--quiet"]),
+        "downstream project",
+    );
+    if result.is_ok() {
+        let _ = fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("downstream: the project is left in {}", dir.display());
+    }
+    result
 }
 
 fn print_env() -> Result<()> {

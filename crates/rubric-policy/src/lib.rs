@@ -9,7 +9,8 @@
 //! - [`parse_rubric`]: the released code's parsing (text after the last `</think>`, first `{` to
 //!   last `}`, the four keys with string or list values) into a typed [`Rubric`], failures
 //!   classified ([`RubricError`]), never a panic;
-//! - [`RubricPolicy`]: an optimsyn-lm model (LoRA or full) as an `optimsyn_rl_grpo::Policy`.
+//! - [`RubricPolicy`]: an optimsyn-lm model (LoRA or full) as an `optimsyn_rl_grpo::Policy`;
+//!   [`RubricPolicy::write_rubrics`] samples and parses rubrics for documents outside training.
 //!
 //! ```
 //! use optimsyn_rubric_policy::{PolicyPrompt, parse_rubric};
@@ -30,6 +31,6 @@ mod prompt;
 mod rubric;
 
 pub use error::{Error, Result};
-pub use policy::RubricPolicy;
+pub use policy::{RubricDraft, RubricPolicy, RubricSampling};
 pub use prompt::{DEFAULT_SYSTEM, DEFAULT_USER, PolicyPrompt};
 pub use rubric::{KEYS, Rubric, RubricError, parse_rubric};

@@ -2,11 +2,58 @@
 
 use std::path::Path;
 
-use optimsyn_lm::{CausalLm, FinishReason, LoraAdapter, SamplingParams, log_softmax_at};
-use optimsyn_rl_grpo::{Completion, Policy, PolicyLogprobs, SampleRequest, TokenBatch};
+use optimsyn_data_io::{ChatTokenizer, SeedDoc};
+use optimsyn_lm::{CausalLm, FinishReason, LoraAdapter, SamplingParams, log_softmax_at, row_key};
+use optimsyn_rl_grpo::{
+    Completion, Policy, PolicyLogprobs, RolloutConfig, SampleRequest, TokenBatch,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::prompt::PolicyPrompt;
+use crate::rubric::{Rubric, RubricError, parse_rubric};
+
+/// How [`RubricPolicy::write_rubrics`] samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RubricSampling {
+    /// Rubrics per document. Default 1.
+    pub per_doc: usize,
+    /// Temperature, truncation and token budget. Default: rl-grpo's rollout defaults.
+    pub sampling: RolloutConfig,
+    /// The draw's seed. Default 0.
+    pub seed: u64,
+    /// Domain for documents that name none. Default `general`.
+    pub default_domain: String,
+    /// Passed to chat templates that take it (Qwen3). Default: the template's own default.
+    pub enable_thinking: Option<bool>,
+}
+
+impl Default for RubricSampling {
+    fn default() -> Self {
+        RubricSampling {
+            per_doc: 1,
+            sampling: RolloutConfig::default(),
+            seed: 0,
+            default_domain: "general".into(),
+            enable_thinking: None,
+        }
+    }
+}
+
+/// One rubric the policy wrote for a document ([`RubricPolicy::write_rubrics`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RubricDraft {
+    /// The document's id.
+    pub seed_id: String,
+    /// Which of the document's samples this is (0-based).
+    pub index: usize,
+    /// The policy's decoded output.
+    pub text: String,
+    /// The parsed rubric, or why the output is not one.
+    pub rubric: std::result::Result<Rubric, RubricError>,
+    /// The output hit the token budget before a stop token.
+    pub truncated: bool,
+}
 
 fn torch(op: &str) -> impl FnOnce(tch::TchError) -> Error + '_ {
     move |source| Error::Torch {
@@ -51,6 +98,53 @@ impl RubricPolicy {
     /// The adapter, when the policy is a LoRA policy.
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.lora.as_ref()
+    }
+
+    /// Samples `how.per_doc` rubrics for each document: renders `prompt` with the document (its
+    /// own domain, else `how.default_domain`) under `tok`'s chat template, samples, decodes and
+    /// parses each output. Row `g` of document `d` draws from the stream keyed by `"{d.id}#{g}"`
+    /// and `how.seed`, so a draft does not depend on which other documents are in the call.
+    pub fn write_rubrics(
+        &mut self,
+        tok: &ChatTokenizer,
+        prompt: &PolicyPrompt,
+        docs: &[SeedDoc],
+        how: &RubricSampling,
+    ) -> Result<Vec<RubricDraft>> {
+        let n = how.per_doc;
+        let prompts = docs
+            .iter()
+            .map(|d| {
+                let domain = d.domain.as_deref().unwrap_or(&how.default_domain);
+                prompt.encode(tok, domain, &d.text, how.enable_thinking)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let keys = docs
+            .iter()
+            .flat_map(|d| (0..n).map(move |g| row_key(&format!("{}#{g}", d.id))))
+            .collect();
+        let request = SampleRequest {
+            prompts: prompts.iter().map(Vec::as_slice).collect(),
+            group_size: n,
+            seed: how.seed,
+            keys,
+            sampling: how.sampling,
+        };
+        let completions = self.sample(&request)?;
+        completions
+            .into_iter()
+            .enumerate()
+            .map(|(row, c)| {
+                let text = tok.decode(&c.tokens, true)?;
+                Ok(RubricDraft {
+                    seed_id: docs[row / n.max(1)].id.clone(),
+                    index: row % n.max(1),
+                    rubric: parse_rubric(&text),
+                    text,
+                    truncated: c.truncated,
+                })
+            })
+            .collect()
     }
 
     fn forward_logprobs(

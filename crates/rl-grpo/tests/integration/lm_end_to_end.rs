@@ -2,7 +2,7 @@
 //! 32, 2 layers) trained with GRPO, full fine-tuning, k3 KL to a frozen copy of itself, learns to
 //! emit a target token, for several seeds, in a fixed number of steps.
 
-#[path = "../../examples/support/lm_policy.rs"]
+#[path = "../../../examples/src/lm_policy.rs"]
 mod lm_policy;
 
 use lm_policy::LmPolicy;

@@ -2,14 +2,13 @@
 //! 8 concurrent chat requests of 64 new tokens (greedy), on the bench model of DESIGN.md
 //! (Qwen3 shape, ~29M parameters, fp32, CPU).
 //!
-//! `cargo bench -p optimsyn-synth --bench serve` measures; `cargo test` runs it once on the tiny
-//! fixture model as a smoke test. The bench model is `OPTIMSYN_BENCH_MODEL`, else the folder the
-//! lm benchmarks cache (`$OPTIMSYN_CACHE/bench/qwen3-30m-seed0-*`, written by
+//! `cargo bench -p optimsyn-examples --bench serve` measures; `cargo test` runs it once on the tiny
+//! fixture model as a smoke test. The bench model is `OPTIMSYN_BENCH_MODEL`, else the one the
+//! benchmarks share (`optimsyn_examples::bench_model_dir`: written once into the cache by
 //! `shared/bench/anchors/make_bench_model.py`). `THREADS` (default 2) sets libtorch's threads on
 //! both sides (the measuring thread and the server's model thread).
 //! `REPS` (default 5) sets the measured repetitions after one warm-up. Traffic stays on 127.0.0.1.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use optimsyn_data_io::ChatMessage;
@@ -25,39 +24,6 @@ fn env_num(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&v| v > 0)
         .unwrap_or(default)
-}
-
-fn bench_model() -> Result<PathBuf, String> {
-    if let Some(d) = std::env::var_os("OPTIMSYN_BENCH_MODEL") {
-        return Ok(PathBuf::from(d));
-    }
-    let cache = std::env::var_os("OPTIMSYN_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/optimsyn")))
-        .ok_or("set OPTIMSYN_BENCH_MODEL")?
-        .join("bench");
-    let entries = std::fs::read_dir(&cache).map_err(|e| {
-        format!(
-            "{}: {e}; set OPTIMSYN_BENCH_MODEL (or run the lm bench once)",
-            cache.display()
-        )
-    })?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("qwen3-30m-seed0"))
-                && p.join("model.safetensors").is_file()
-        })
-        .collect();
-    found.sort();
-    found.pop().ok_or_else(|| {
-        format!(
-            "no bench model under {}; set OPTIMSYN_BENCH_MODEL to a folder make_bench_model.py wrote",
-            cache.display()
-        )
-    })
 }
 
 struct Figures {
@@ -89,9 +55,11 @@ fn measure(g: &dyn Generator, prompts: &[ChatPrompt], reps: usize) -> Figures {
 }
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
+    // Criterion's rule: measure under `--bench` unless `--test` asks for the quick run.
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
     let (dir, reps, new_tokens) = if full {
-        match bench_model() {
+        match optimsyn_examples::bench_model_dir() {
             Ok(d) => (d, env_num("REPS", 5), 64),
             Err(e) => {
                 eprintln!("serve bench: {e}");
@@ -99,7 +67,7 @@ fn main() {
             }
         }
     } else {
-        let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/cli");
+        let tiny = optimsyn_examples::tiny_model_dir();
         (tiny, 1, 8)
     };
     let threads = env_num("THREADS", 2);

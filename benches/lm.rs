@@ -18,21 +18,21 @@
 //! `OPTIMSYN_SHARED=DIR` a `shared/` folder elsewhere than beside the workspace.
 //!
 //! Modes:
-//! - `cargo bench -p optimsyn-lm --bench lm`: criterion, full shapes.
+//! - `cargo bench -p optimsyn-examples --bench lm`: criterion, full shapes.
 //! - `cargo test --all-targets` (criterion's test mode): each benchmark runs once on small shapes
 //!   (forward 2×32, 8 new tokens, small matrices), checking that everything works.
 //! - `OPTIMSYN_BENCH_JSON=1` (run the built binary directly, or through `cargo bench`): no
 //!   criterion; prints one JSON object with best-of-N figures and peak memory, for
 //!   `python/bench/lm_compare.py`. `WHICH=forward,generate,matmul,matvec` selects parts (default:
 //!   all; `prepare` only writes the bench model and prints its folder, `load` only loads it, for a
-//!   memory baseline), `BATCHES=1,8` the generation batch sizes, `REPS=N` the repetitions
+//!   memory baseline), `BATCHES=1,8` the generation batch sizes, `NEW_TOKENS=N` their length
+//!   (default 128), `REPS=N` the repetitions
 //!   (default: 3 for the forward, 2 for generation, as `python_baselines.py` does).
 
 use std::cell::OnceCell;
 use std::env;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
@@ -82,120 +82,10 @@ fn threads() -> i32 {
         .unwrap_or(2)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..")
-}
-
-fn shared_dir() -> PathBuf {
-    env::var_os("OPTIMSYN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("..").join("shared"))
-}
-
-fn cache_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = env::var_os("OPTIMSYN_CACHE") {
-        return Ok(PathBuf::from(dir));
-    }
-    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(dir).join("optimsyn"));
-    }
-    env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache").join("optimsyn"))
-        .ok_or_else(|| "set OPTIMSYN_CACHE (no HOME to put the bench model under)".to_string())
-}
-
 fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
-}
-
-/// The bench model folder: `OPTIMSYN_BENCH_MODEL`, else a cached one, written on first use by
-/// `make_bench_model.py` (the folder name carries a hash of the script and the shape's config, so a
-/// change to either writes a fresh one).
-fn bench_model_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = env::var_os("OPTIMSYN_BENCH_MODEL") {
-        let dir = PathBuf::from(dir);
-        if !dir.join("config.json").is_file() {
-            return Err(format!(
-                "OPTIMSYN_BENCH_MODEL={}: no config.json there",
-                dir.display()
-            ));
-        }
-        return Ok(dir);
-    }
-    let shared = shared_dir();
-    let script = shared
-        .join("bench")
-        .join("anchors")
-        .join("make_bench_model.py");
-    let config = shared.join("bench").join("qwen3-30m").join("config.json");
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| {
-            format!(
-                "bench model: cannot read {} ({e}). The benchmarks need the project's shared/ folder beside the \
-                 workspace (CI copies it to <repo>/../shared); set OPTIMSYN_SHARED to it, or OPTIMSYN_BENCH_MODEL to \
-                 a folder that make_bench_model.py wrote",
-                p.display()
-            )
-        })
-    };
-    let key = fnv1a(fnv1a(0xcbf29ce484222325, &read(&script)?), &read(&config)?);
-    let dir = cache_dir()?
-        .join("bench")
-        .join(format!("qwen3-30m-seed0-{:08x}", key as u32));
-    if dir.join("model.safetensors").is_file() {
-        return Ok(dir);
-    }
-    let parent = dir
-        .parent()
-        .ok_or("bench model: cache folder has no parent")?;
-    std::fs::create_dir_all(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    // Write beside, then rename: a concurrent or interrupted run never leaves a half folder in place.
-    let tmp = parent.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("m")
-    ));
-    let python = env::var_os("OPTIMSYN_PYTHON").unwrap_or_else(|| "python3".into());
-    eprintln!(
-        "bench model: writing {} with {} {}",
-        dir.display(),
-        python.to_string_lossy(),
-        script.display()
-    );
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(&tmp)
-        .output()
-        .map_err(|e| {
-            format!(
-                "bench model: cannot run {} ({e}); set OPTIMSYN_PYTHON",
-                python.to_string_lossy()
-            )
-        })?;
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(format!(
-            "bench model: `{} {} DIR` failed ({}); it needs torch and transformers (`cargo xtask bootstrap` installs \
-             them into OPTIMSYN_PYTHON):\n{}",
-            python.to_string_lossy(),
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    if let Err(e) = std::fs::rename(&tmp, &dir) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if !dir.join("model.safetensors").is_file() {
-            return Err(format!(
-                "bench model: cannot move it to {}: {e}",
-                dir.display()
-            ));
-        }
-    }
-    Ok(dir)
 }
 
 struct Bench {
@@ -206,7 +96,7 @@ struct Bench {
 }
 
 fn load() -> Result<Bench, String> {
-    let dir = bench_model_dir()?;
+    let dir = optimsyn_examples::bench_model_dir()?;
     let model = CausalLm::load(&dir, LoadOptions::default())
         .map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let params = model
@@ -300,21 +190,6 @@ const BENCH_MODEL_WEIGHT_BYTES: u64 = 29_360_128 * 4;
 fn model_matvecs(inputs: &[(Tensor, &Tensor)]) {
     for (x, w) in inputs {
         let _ = black_box(x.linear::<&Tensor>(w, None));
-    }
-}
-
-/// The same products with each weight's rows split into `parts` blocks and run as one `bmm`
-/// (`[parts, out/parts, in] · [parts, in, 1]`): libtorch's batched GEMM spreads the blocks over the
-/// threads, where MKL's `sgemv` (what `linear` calls for one row) runs on one thread on this CPU.
-/// The result is the same `x W^T`.
-fn model_matvecs_split(inputs: &[(Tensor, &Tensor)], parts: i64) {
-    for (x, w) in inputs {
-        let (o, i) = (w.size()[0], w.size()[1]);
-        let y = w
-            .view([parts, o / parts, i])
-            .bmm(&x.view([1, i, 1]).expand([parts, i, 1], false))
-            .view([1, 1, o]);
-        let _ = black_box(y);
     }
 }
 
@@ -540,7 +415,10 @@ fn json_mode() -> Result<(), String> {
         .collect();
     let has = |w: &str| which.iter().any(|x| x == w);
     let reps: Option<usize> = env::var("REPS").ok().and_then(|r| r.parse().ok());
-    let s = FULL;
+    let mut s = FULL;
+    if let Some(n) = env::var("NEW_TOKENS").ok().and_then(|v| v.parse().ok()) {
+        s.new_tokens = n;
+    }
     let n = threads();
     tch::set_num_threads(n);
     let mut out = Obj::default();
@@ -549,7 +427,7 @@ fn json_mode() -> Result<(), String> {
     if has("prepare") {
         out.insert(
             "model_dir",
-            J::from(bench_model_dir()?.display().to_string()),
+            J::from(optimsyn_examples::bench_model_dir()?.display().to_string()),
         );
         println!("{out}");
         return Ok(());
@@ -641,6 +519,29 @@ fn json_mode() -> Result<(), String> {
             "read_gb_s",
             J::from(round((r * c * 4) as f64 / t_read / 1e9, 2)),
         );
+        // The same product with W's rows split into one block per thread, as one `bmm`: MKL's
+        // sgemv runs on one thread here, the batched GEMM spreads the blocks over the threads.
+        let parts = i64::from(n.max(1));
+        if r % parts == 0 {
+            let split = || {
+                w.view([parts, r / parts, c])
+                    .bmm(
+                        &x.view([1, 1, c])
+                            .transpose(1, 2)
+                            .expand([parts, c, 1], false),
+                    )
+                    .view([r])
+            };
+            let diff = f64::try_from((split() - w.mv(&x)).abs().max()).unwrap_or(f64::NAN);
+            assert!(diff < 1e-2, "split matvec differs from mv by {diff}");
+            let t_split = best_of(10, || {
+                let _ = black_box(split());
+            });
+            out.insert(
+                "matvec_split_gb_s",
+                J::from(round((r * c * 4) as f64 / t_split / 1e9, 2)),
+            );
+        }
         drop((w, x));
         if let Some(b) = &b {
             let bytes = model_matvec_bytes(b) as f64;
@@ -655,32 +556,13 @@ fn json_mode() -> Result<(), String> {
             // measured matrix-vector bandwidth can stream them.
             out.insert("bw_limit_b1_tok_s", J::from(round(bw / bytes, 1)));
             out.insert("model_matvec_tok_s", J::from(round(1.0 / t_model, 1)));
-            let parts = i64::from(n.max(1));
-            if inputs.iter().all(|(_, w)| w.size()[0] % parts == 0) {
-                let (x, w) = &inputs[0];
-                let diff = f64::try_from(
-                    (x.linear::<&Tensor>(w, None)
-                        - w.view([parts, -1, w.size()[1]])
-                            .bmm(&x.view([1, -1, 1]).expand([parts, -1, 1], false))
-                            .view([1, 1, -1]))
-                    .abs()
-                    .max(),
-                )
-                .unwrap_or(f64::NAN);
-                assert!(diff < 1e-3, "split matvec differs from linear by {diff}");
-                let t_split = best_of(10, || model_matvecs_split(&inputs, parts));
-                out.insert(
-                    "model_matvec_split_gb_s",
-                    J::from(round(bytes / t_split / 1e9, 2)),
-                );
-                out.insert("model_matvec_split_tok_s", J::from(round(1.0 / t_split, 1)));
-            }
         }
     }
     if let (true, Some(b)) = (has("linears"), &b) {
-        // Diagnostic (not in the default set): the decode step's weight products at 1 and 8 rows,
-        // through `linear` (what the model runs), the split `bmm`, and oneDNN (`mkldnn_linear`).
-        let bytes = model_matvec_bytes(b) as f64;
+        // Diagnostic (not in the default set): one decode step's weight products (every 2-D
+        // weight once) for a few rows, four ways: `linear` (x W^T, what the model runs), the
+        // split `bmm` (W's rows in one block per thread), `W · x^T` as a plain `mm`, and oneDNN
+        // (`mkldnn_linear` on oneDNN copies of the weights). `ROWS=1,2,4,8` picks the row counts.
         let parts = i64::from(n.max(1));
         let weights: Vec<&Tensor> = b
             .model
@@ -690,7 +572,11 @@ fn json_mode() -> Result<(), String> {
             .map(|(_, w)| w)
             .collect();
         let onednn: Vec<Tensor> = weights.iter().map(|w| w.g_to_mkldnn(None)).collect();
-        for rows in [1i64, 8] {
+        let row_counts: Vec<i64> = env::var("ROWS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 2, 4, 8, 16, 32]);
+        for rows in row_counts {
             let xs: Vec<Tensor> = weights
                 .iter()
                 .map(|w| Tensor::randn([rows, 1, w.size()[1]], (Kind::Float, Device::Cpu)))
@@ -711,17 +597,24 @@ fn json_mode() -> Result<(), String> {
                     let _ = black_box(y.permute([2, 0, 1]).reshape([rows, 1, o]));
                 }
             });
+            let t_wxt = best_of(10, || {
+                for (x, w) in xs.iter().zip(&weights) {
+                    let y = w.mm(&x.view([rows, -1]).tr()); // [o, rows]
+                    let _ = black_box(y.tr().contiguous().view([rows, 1, -1]));
+                }
+            });
             let t_dnn = best_of(10, || {
                 for (x, w) in xs.iter().zip(&onednn) {
                     let xm = x.view([rows, -1]).g_to_mkldnn(None);
                     let _ = black_box(xm.mkldnn_linear(w, None::<Tensor>).to_dense(None, false));
                 }
             });
-            for (name, t) in [("linear", t_lin), ("split", t_split), ("onednn", t_dnn)] {
-                out.insert(
-                    format!("linears_b{rows}_{name}_gb_s"),
-                    J::from(round(bytes / t / 1e9, 2)),
-                );
+            for (name, t) in [
+                ("linear", t_lin),
+                ("split", t_split),
+                ("wxt", t_wxt),
+                ("onednn", t_dnn),
+            ] {
                 out.insert(
                     format!("linears_b{rows}_{name}_tok_s"),
                     J::from(round(rows as f64 / t, 1)),

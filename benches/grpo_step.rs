@@ -6,18 +6,17 @@
 //! (rollout / reference log-probs / update) and an estimate of each phase's GFLOP/s.
 //!
 //! ```text
-//! python ../shared/bench/anchors/make_bench_model.py /tmp/bench-qwen3-30m
-//! cargo bench -p optimsyn-rl-grpo --bench grpo_step -- /tmp/bench-qwen3-30m [STEPS]
+//! cargo bench -p optimsyn-examples --bench grpo_step [-- MODEL_DIR [STEPS]]
 //! ```
+//! Without `MODEL_DIR` it uses the benchmarks' shared bench model
+//! (`optimsyn_examples::bench_model_dir`); under `cargo test` (or `--test`), one step on the demo's
+//! tiny target.
 //! `THREADS` (default 2) sets libtorch's intra-op threads.
-
-#[path = "../examples/support/lm_policy.rs"]
-mod lm_policy;
 
 use std::error::Error;
 
-use lm_policy::LmPolicy;
 use optimsyn_data_io::{ChatMessage, ChatTokenizer, ModelConfig};
+use optimsyn_examples::LmPolicy;
 use optimsyn_lm::{CausalLm, LoadOptions};
 use optimsyn_rl_grpo::{GrpoConfig, Prompt, Reference, RolloutBatch, Trainer, reward_fn};
 
@@ -39,21 +38,23 @@ fn forward_flops(c: &ModelConfig, tokens: f64, context: f64, logits: f64) -> f64
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    // Criterion's rule: measure under `--bench` unless `--test` asks for the quick run.
+    let measure = all.iter().any(|a| a == "--bench") && !all.iter().any(|a| a == "--test");
+    let mut args: Vec<String> = all.into_iter().filter(|a| !a.starts_with("--")).collect();
+    if measure && args.is_empty() {
+        args.push(optimsyn_examples::bench_model_dir()?.display().to_string());
+    }
     // Without a model folder (as under `cargo test`, which runs benches once to prove they work),
     // one step on the demo's tiny model; the measurement uses the bench model
-    // (`make_bench_model.py DIR`, then `cargo bench -p optimsyn-rl-grpo --bench grpo_step -- DIR`).
+    // (`make_bench_model.py DIR`, then `cargo bench -p optimsyn-examples --bench grpo_step -- DIR`).
     let (dir, default_steps) = match args.first() {
         Some(d) => (d.clone(), 4),
         None => (
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../optimsyn/demo/models/target"
-            )
-            .to_string(),
+            optimsyn_examples::demo_dir()
+                .join("models/target")
+                .display()
+                .to_string(),
             1,
         ),
     };

@@ -3,8 +3,9 @@
 //! log-probs through one forward pass over `[left-padded prompt | completion]` rows, weights saved
 //! as a Hugging Face `model.safetensors` and loaded back in place.
 //!
-//! Shared by the examples and the end-to-end test (`#[path]`-included); the LM-backed policy of
-//! the OptimSyn pipeline lives in optimsyn-rubric-policy.
+//! Shared by the examples, the GRPO benchmark and rl-grpo's end-to-end test (which includes this
+//! file by `#[path]`: rl-grpo cannot depend on this package). The LM-backed policy of the OptimSyn
+//! pipeline, with LoRA, is optimsyn-rubric-policy's `RubricPolicy`.
 
 #![allow(dead_code)]
 

@@ -1,0 +1,152 @@
+//! Support code for the optimsyn workspace's top-level `examples/` and `benches/`.
+//!
+//! The examples live at the root of the repository and are wired through this (unpublished)
+//! package, so `cargo run --example NAME` works from the workspace root. What they share is here:
+//! where the bundled demo models and data are, and [`LmPolicy`], a plain causal LM as an
+//! `optimsyn_rl_grpo::Policy` (the smallest complete implementation of that trait).
+//!
+//! ```
+//! let target = optimsyn_examples::demo_dir().join("models/target");
+//! assert!(target.join("config.json").is_file());
+//! ```
+#![deny(missing_docs)]
+
+mod lm_policy;
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub use lm_policy::{LmPolicy, LmPolicyError};
+
+/// The repository's root folder.
+pub fn workspace_dir() -> PathBuf {
+    // This package is `crates/examples`.
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .map_or_else(|| here.join("../.."), Path::to_path_buf)
+}
+
+/// The bundled demo: corpus, seeds, validation set and the tiny policy / generator / target
+/// models (`crates/optimsyn/demo`).
+pub fn demo_dir() -> PathBuf {
+    workspace_dir().join("crates/optimsyn/demo")
+}
+
+/// The tiny Qwen3 test model of optimsyn-lm (random weights, byte-level tokenizer, ChatML).
+pub fn tiny_model_dir() -> PathBuf {
+    workspace_dir().join("crates/lm/tests/fixtures/cli")
+}
+
+fn shared_dir() -> PathBuf {
+    env::var_os("OPTIMSYN_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("..").join("shared"))
+}
+
+fn cache_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = env::var_os("OPTIMSYN_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("optimsyn"));
+    }
+    env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache").join("optimsyn"))
+        .ok_or_else(|| "set OPTIMSYN_CACHE (no HOME to put the bench model under)".to_string())
+}
+
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+/// The bench model folder: `OPTIMSYN_BENCH_MODEL`, else a cached one, written on first use by
+/// `make_bench_model.py` (the folder name carries a hash of the script and the shape's config, so a
+/// change to either writes a fresh one).
+pub fn bench_model_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = env::var_os("OPTIMSYN_BENCH_MODEL") {
+        let dir = PathBuf::from(dir);
+        if !dir.join("config.json").is_file() {
+            return Err(format!(
+                "OPTIMSYN_BENCH_MODEL={}: no config.json there",
+                dir.display()
+            ));
+        }
+        return Ok(dir);
+    }
+    let shared = shared_dir();
+    let script = shared
+        .join("bench")
+        .join("anchors")
+        .join("make_bench_model.py");
+    let config = shared.join("bench").join("qwen3-30m").join("config.json");
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| {
+            format!(
+                "bench model: cannot read {} ({e}). The benchmarks need the project's shared/ folder beside the \
+                 workspace (CI copies it to <repo>/../shared); set OPTIMSYN_SHARED to it, or OPTIMSYN_BENCH_MODEL to \
+                 a folder that make_bench_model.py wrote",
+                p.display()
+            )
+        })
+    };
+    let key = fnv1a(fnv1a(0xcbf29ce484222325, &read(&script)?), &read(&config)?);
+    let dir = cache_dir()?
+        .join("bench")
+        .join(format!("qwen3-30m-seed0-{:08x}", key as u32));
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    let parent = dir
+        .parent()
+        .ok_or("bench model: cache folder has no parent")?;
+    std::fs::create_dir_all(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    // Write beside, then rename: a concurrent or interrupted run never leaves a half folder in place.
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("m")
+    ));
+    let python = env::var_os("OPTIMSYN_PYTHON").unwrap_or_else(|| "python3".into());
+    eprintln!(
+        "bench model: writing {} with {} {}",
+        dir.display(),
+        python.to_string_lossy(),
+        script.display()
+    );
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| {
+            format!(
+                "bench model: cannot run {} ({e}); set OPTIMSYN_PYTHON",
+                python.to_string_lossy()
+            )
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(format!(
+            "bench model: `{} {} DIR` failed ({}); it needs torch and transformers (`cargo xtask bootstrap` installs \
+             them into OPTIMSYN_PYTHON):\n{}",
+            python.to_string_lossy(),
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join("model.safetensors").is_file() {
+            return Err(format!(
+                "bench model: cannot move it to {}: {e}",
+                dir.display()
+            ));
+        }
+    }
+    Ok(dir)
+}
