@@ -2,4 +2,5 @@
 //! program as a user would.
 
 mod lm_cli;
+mod resume_cli;
 mod train_cli;
