@@ -82,7 +82,8 @@ fn run_with_kills(
             std::thread::sleep(Duration::from_millis(20));
         }
         match finished {
-            Some(status) => {
+            Some(_) => {
+                let status = child.wait().expect("wait"); // already reaped: returns at once
                 assert!(
                     status.success(),
                     "{stage} failed on its own after {killed} kills"
