@@ -10,6 +10,8 @@ use optimsyn_lm::{CausalLm, LoadOptions, LoraAdapter, LoraConfig, row_key};
 use optimsyn_rl_grpo::{Policy, RolloutConfig, SampleRequest, TokenBatch};
 use optimsyn_rubric_policy::{PolicyPrompt, RubricPolicy, RubricSampling};
 
+mod snapshots;
+
 fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../optimsyn/demo")
 }
