@@ -437,7 +437,8 @@ fn json_mode() -> Result<(), String> {
         J::from(proc_status_mib("VmRSS:").map(|x| round(x, 1))),
     );
     let _guard = tch::no_grad_guard();
-    let needs_model = has("load") || has("forward") || has("generate") || has("matvec") || has("linears");
+    let needs_model =
+        has("load") || has("forward") || has("generate") || has("matvec") || has("linears");
     let b = if needs_model { Some(load()?) } else { None };
     if let Some(b) = &b {
         out.insert("model_dir", J::from(b.dir.display().to_string()));
