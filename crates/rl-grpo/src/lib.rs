@@ -98,3 +98,6 @@ pub use policy::{
 pub use rollout::{InfallibleReward, Prompt, RewardFn, Rollout, RolloutBatch, reward_fn};
 pub use toy::CategoricalPolicy;
 pub use trainer::{OutputOptions, Trainer};
+
+/// [`Trainer`] under the name other crates' users look for first.
+pub type GrpoTrainer<P> = Trainer<P>;
