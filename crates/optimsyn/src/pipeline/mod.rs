@@ -586,11 +586,18 @@ pub fn stage2(
                 .get(&p.id)
                 .ok_or_else(|| format!("prompt {} has no seed document", p.id))?;
             let text = m.policy_tok.decode(&r.completion.tokens, true)?;
-            items.push((
-                doc.clone(),
-                format!("{}/step{}-{}", p.id, batch.step, r.sample),
-                text,
-            ));
+            // A prompt can occur twice in a step (the batch spans an epoch boundary); its later
+            // occurrences get their own ids, as they get their own sampling streams.
+            let occurrence = batch.prompts[..r.prompt_index]
+                .iter()
+                .filter(|q| q.id == p.id)
+                .count();
+            let id = if occurrence == 0 {
+                format!("{}/step{}-{}", p.id, batch.step, r.sample)
+            } else {
+                format!("{}/step{}-{}.{}", p.id, batch.step, r.sample, occurrence)
+            };
+            items.push((doc.clone(), id, text));
         }
         let file = rl
             .join("samples")

@@ -14,16 +14,18 @@ fn demo_config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/demo.toml")
 }
 
-/// The demo profile, shortened: 3 GRPO steps of 4 prompts × G 3.
+/// The demo profile, shortened: 3 GRPO steps of 6 prompts × G 2, from only ~5 training prompts
+/// (`train_fraction` 0.1), so every step holds some prompt twice (the batch spans an epoch).
 fn command(stage: &str, out: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_optimsyn"));
     c.arg(stage).arg("--config").arg(demo_config());
     for s in [
         format!("out={}", out.display()),
         "steps=3".into(),
-        "grpo.group_size=3".into(),
-        "grpo.prompts_per_step=4".into(),
-        "grpo.mini_batch_prompts=4".into(),
+        "data.train_fraction=0.1".into(),
+        "grpo.group_size=2".into(),
+        "grpo.prompts_per_step=6".into(),
+        "grpo.mini_batch_prompts=6".into(),
         "grpo.micro_batch_size=12".into(),
     ] {
         c.arg("--set").arg(s);
