@@ -74,6 +74,7 @@
 //!
 //! Like every crate that links libtorch, test and binary targets need an rpath to libtorch's lib
 //! folder; this crate's `build.rs` adds it for its own targets.
+#![deny(missing_docs)]
 
 mod adamw;
 mod clip;
