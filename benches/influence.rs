@@ -1,5 +1,5 @@
 //! Influence scoring throughput on the bench model (DESIGN.md, "Benchmarks"): candidates/s of
-//! [`InfluenceScorer::score_encoded`] with a LoRA r 128 / alpha 512 adapter on q/k/v/o (3,670,016
+//! (`InfluenceScorer::score_encoded`) with a LoRA r 128 / alpha 512 adapter on q/k/v/o (3,670,016
 //! parameters), 128-token candidates (random ids, every token a loss token, as
 //! `python_baselines.py`'s `labels = input_ids`), k = 8192, fp32 on the CPU with 2 threads
 //! (`THREADS` overrides), for the dense Rademacher, the sparse JL (s = 4) and the exact
@@ -15,20 +15,23 @@
 //! so later processes reuse them. The work folder is `OPTIMSYN_BENCH_WORK`, else
 //! `$TMPDIR/optimsyn-bench-influence-<hash of the model folder>`.
 //!
-//! Benchmarks (criterion names; the JSON keys in brackets):
-//! - `influence/score/{dense,sjlt,exact}/64x128` [`dense_cand_s`, …]: one scoring call of 64
+//! Benchmarks (criterion names; the JSON keys in parentheses):
+//! - `influence/score/{dense,sjlt,exact}/64x128` (`dense_cand_s`, …): one scoring call of 64
 //!   candidates (the CLI's default `--chunk`): batched per-sample gradients, Γ, projection,
 //!   cosines. A dense call generates the 3.67M × 8192 sign matrix once (blockwise), so its cost
 //!   per candidate falls as the call grows (`CANDIDATES=N` in JSON mode).
-//! - `influence/gradients_gamma/64x128` [`grads_gamma_cand_s`]: the gradients and Γ alone (what
+//! - `influence/gradients_gamma/64x128` (`grads_gamma_cand_s`): the gradients and Γ alone (what
 //!   the Python loop without projection does).
-//! - `reference/project_dense/…` [`proj_dense_gflop_s`]: the dense projection of 64 rows on the
-//!   first `PROJ_P` = 262,144 coordinates (256 of its 1024-row blocks; the rate is per block, so
-//!   the slice stands for all of P without its minute of run time; `PROJ_P=0` projects all of P),
-//!   counted as 2·P·k FLOPs per row; [`proj_dense_1row_s`] the same for one row (≈ the sign
-//!   generation alone).
-//! - `reference/project_sjlt/…` [`proj_sjlt_s`]: the SJLT projection of 64 full rows.
-//! - `reference/matmul_f32/…` [`matmul_block_gflop_s`, `matmul_wide_gflop_s`]: plain matmuls of
+//! - `reference/project_dense/…` (`proj_dense_gflop_s`): the dense projection of the 64
+//!   candidates' Γ rows (computed first, as in a scoring call) on their first `PROJ_P` = 131,072
+//!   coordinates (128 of its 1024-row blocks; the rate is per block, so the slice stands for all
+//!   of P without its minutes of run time; `PROJ_P=0` projects all of P), counted as 2·P·k FLOPs
+//!   per row; (`proj_dense_1row_s`) the same for one row (≈ the sign generation alone);
+//!   (`proj_dense_cold_gflop_s`) the same 64-row projection in a process that has not computed
+//!   gradients before (random rows): there every block's temporaries are fresh mappings that
+//!   page-fault, as in a process's first projection (the validation features).
+//! - `reference/project_sjlt/…` (`proj_sjlt_s`): the SJLT projection of the 64 full Γ rows.
+//! - `reference/matmul_f32/…` (`matmul_block_gflop_s`, `matmul_wide_gflop_s`): plain matmuls of
 //!   one projection block's shape, `[64, 1024] · [1024, 8192]`, and a longer inner dimension,
 //!   `[64, 8192] · [8192, 8192]`.
 //!
@@ -42,7 +45,7 @@
 //!   `prepare` trains the checkpoint and computes every scorer's validation features, for the
 //!   runner to do before measuring); `CANDIDATES`, `K`, `PROJ_P`, `REPS` override the sizes (the
 //!   dense call is timed once by default, as `python_baselines.py` times its LESS loop; the others
-//!   best of 3 after a warm-up).
+//!   best of 2 after a warm-up call).
 
 use std::cell::OnceCell;
 use std::env;
@@ -91,7 +94,7 @@ const FULL: Shapes = Shapes {
     sjlt_s: 4,
     val: 16,
     warm_rows: 16,
-    proj_p: 1 << 18,
+    proj_p: 1 << 17,
     wide: 8192,
 };
 
@@ -318,8 +321,8 @@ fn score(scorer: &mut InfluenceScorer, cands: &[TrainExample]) -> f64 {
         .sum()
 }
 
-/// The scorer's own gradients and Γ, without projection or cosines.
-fn grads_gamma(scorer: &InfluenceScorer, cands: &[TrainExample]) {
+/// The scorer's own gradients and Γ `[n, P]`, without projection or cosines.
+fn grads_gamma(scorer: &InfluenceScorer, cands: &[TrainExample]) -> Tensor {
     let idx: Vec<usize> = (0..cands.len()).collect();
     let (g, _) = gradients(
         scorer.model(),
@@ -330,7 +333,8 @@ fn grads_gamma(scorer: &InfluenceScorer, cands: &[TrainExample]) {
     )
     .expect("gradients");
     let gamma = scorer.gamma(0, &g).expect("gamma");
-    let _ = black_box(gamma);
+    drop(g);
+    black_box(gamma)
 }
 
 /// The dense projector over the first `p` coordinates (nothing cached), and its input rows.
@@ -338,6 +342,16 @@ fn dense_probe(s: Shapes, p: usize, rows: usize) -> (Projector, Tensor) {
     let proj =
         Projector::new(ProjectorKind::Dense { k: s.k, seed: 0 }, p, 0).expect("dense projector");
     (proj, Setup::random_rows(rows, p))
+}
+
+/// The dense projector over the first `p` coordinates, `gamma`'s first `p` columns (every row,
+/// and the first row alone), copied.
+fn dense_probe_of(s: Shapes, p: usize, gamma: &Tensor) -> (Projector, Tensor, Tensor) {
+    let proj =
+        Projector::new(ProjectorKind::Dense { k: s.k, seed: 0 }, p, 0).expect("dense projector");
+    let x = gamma.narrow(1, 0, p as i64).contiguous();
+    let x1 = x.narrow(0, 0, 1).contiguous();
+    (proj, x, x1)
 }
 
 fn probe_p(s: Shapes, lora_params: i64) -> usize {
@@ -399,25 +413,33 @@ fn criterion_benches(c: &mut Criterion, s: Shapes) {
     // The projection's size needs P, known once the adapter exists: the throughput (FLOPs, read by
     // criterion as elements) is set from the probe's nominal size, `PROJ_P` coordinates.
     let p = s.proj_p;
+    // The candidates' Γ, computed once (as a scoring call computes it before projecting; see
+    // `proj_dense_cold_s` in the JSON mode for a process that has not).
+    let gamma = &OnceCell::new();
+    let gamma_of = |st: &Setup| -> Tensor {
+        let scorer = st
+            .scorer(ProjectorKind::Exact)
+            .unwrap_or_else(|e| panic!("{e}"));
+        grads_gamma(&scorer, &st.cands)
+    };
     g.throughput(Throughput::Elements((2 * p * s.k * n) as u64));
     let mut probe = None;
     g.bench_function(format!("project_dense/{n}x{p}x{}", s.k), |b| {
         let st = setup_cell(cell, s);
-        let (proj, x) = probe.get_or_insert_with(|| dense_probe(s, probe_p(s, st.lora_params), n));
+        let gm = gamma.get_or_init(|| gamma_of(st));
+        let (proj, x, _) =
+            probe.get_or_insert_with(|| dense_probe_of(s, probe_p(s, st.lora_params), gm));
         b.iter(|| black_box(proj.project(x).expect("projection")))
     });
     g.throughput(Throughput::Elements(n as u64));
-    let mut probe = None;
+    let mut proj = None;
     g.bench_function(format!("project_sjlt/{n}xP"), |b| {
         let st = setup_cell(cell, s);
-        let (proj, x) = probe.get_or_insert_with(|| {
-            let p = st.lora_params as usize;
-            (
-                Projector::new(st.kind("sjlt"), p, 0).expect("SJLT projector"),
-                Setup::random_rows(n, p),
-            )
+        let gm = gamma.get_or_init(|| gamma_of(st));
+        let proj = proj.get_or_insert_with(|| {
+            Projector::new(st.kind("sjlt"), st.lora_params as usize, 0).expect("SJLT projector")
         });
-        b.iter(|| black_box(proj.project(x).expect("projection")))
+        b.iter(|| black_box(proj.project(gm).expect("projection")))
     });
     for (m, k, nn) in [
         (n as i64, DENSE_BLOCK, s.k as i64),
@@ -527,10 +549,10 @@ fn json_mode() -> Result<(), String> {
             json!(round(t.elapsed().as_secs_f64(), 2)),
         );
         // The dense call is long (the LESS loop it is compared with is timed once, cold); the
-        // others are best of 3 after a warm-up call.
+        // others are best of 2 after a warm-up call.
         let dense = name == "dense";
         let mut digest = 0.0;
-        let t = best_of(reps.unwrap_or(if dense { 1 } else { 3 }), !dense, || {
+        let t = best_of(reps.unwrap_or(if dense { 1 } else { 2 }), !dense, || {
             digest = score(&mut scorer, &st.cands)
         });
         put(&format!("{name}_s"), json!(round(t, 3)));
@@ -539,21 +561,47 @@ fn json_mode() -> Result<(), String> {
     }
     if let (true, Some(st)) = (has("grads"), &st) {
         let scorer = st.scorer(ProjectorKind::Exact)?;
-        let t = best_of(reps.unwrap_or(3), true, || grads_gamma(&scorer, &st.cands));
+        let t = best_of(reps.unwrap_or(2), true, || {
+            let _ = grads_gamma(&scorer, &st.cands);
+        });
         put("grads_gamma_s", json!(round(t, 3)));
         put("grads_gamma_cand_s", json!(round(cand / t, 3)));
     }
     if let (true, Some(st)) = (has("projection"), &st) {
         let p = probe_p(s, st.lora_params);
+        // A fresh process first (random rows, nothing allocated and freed before): every block's
+        // tensors come from new mappings and page-fault (as the first projection of a process,
+        // e.g. the validation features, does). One call, no warm-up.
         let (proj, x) = dense_probe(s, p, s.candidates);
-        let t = best_of(reps.unwrap_or(3), true, || {
+        let t = best_of(1, false, || {
             let _ = black_box(proj.project(&x).expect("projection"));
         });
-        let (proj1, x1) = dense_probe(s, p, 1);
-        let t1 = best_of(reps.unwrap_or(3), true, || {
-            let _ = black_box(proj1.project(&x1).expect("projection"));
+        drop((proj, x));
+        put("proj_dense_cold_s", json!(round(t, 4)));
+        put(
+            "proj_dense_cold_gflop_s",
+            json!(round(2.0 * (p * s.k) as f64 * cand / t / 1e9, 1)),
+        );
+        // Then as inside a scoring call: the candidates' Γ computed (and its memory freed), the
+        // projection of (a slice of) those rows.
+        let scorer = st.scorer(ProjectorKind::Exact)?;
+        let gamma = grads_gamma(&scorer, &st.cands);
+        let full = st.lora_params as usize;
+        let proj = Projector::new(st.kind("sjlt"), full, 0).map_err(|e| e.to_string())?;
+        let t = best_of(reps.unwrap_or(2), true, || {
+            let _ = black_box(proj.project(&gamma).expect("projection"));
         });
-        drop((proj, x, proj1, x1));
+        drop(proj);
+        put("proj_sjlt_s", json!(round(t, 4)));
+        let (proj, x, x1) = dense_probe_of(s, p, &gamma);
+        drop(gamma);
+        let t = best_of(reps.unwrap_or(2), true, || {
+            let _ = black_box(proj.project(&x).expect("projection"));
+        });
+        let t1 = best_of(reps.unwrap_or(2), true, || {
+            let _ = black_box(proj.project(&x1).expect("projection"));
+        });
+        drop((proj, x, x1, scorer));
         put("proj_dense_p", json!(p));
         put("proj_dense_s", json!(round(t, 4)));
         put(
@@ -565,13 +613,6 @@ fn json_mode() -> Result<(), String> {
         let scale = st.lora_params as f64 / p as f64;
         put("proj_dense_full_p_est_s", json!(round(t * scale, 2)));
         put("proj_dense_1row_full_p_est_s", json!(round(t1 * scale, 2)));
-        let full = st.lora_params as usize;
-        let proj = Projector::new(st.kind("sjlt"), full, 0).map_err(|e| e.to_string())?;
-        let x = Setup::random_rows(s.candidates, full);
-        let t = best_of(reps.unwrap_or(3), true, || {
-            let _ = black_box(proj.project(&x).expect("projection"));
-        });
-        put("proj_sjlt_s", json!(round(t, 4)));
     }
     if has("matmul") {
         let m = s.candidates as i64;
