@@ -175,10 +175,9 @@ fn train_and_synthesize_killed_at_random_moments_end_like_an_uninterrupted_run()
     let k1 = run_with_kills("train", &b, t_train, 4, &mut rng);
     let k2 = run_with_kills("synthesize", &b, t_synth, 2, &mut rng);
     eprintln!("killed train {k1} times, synthesize {k2} times");
-    assert!(
-        k1 >= 2,
-        "the test should really interrupt training ({k1} kills)"
-    );
+    // Later kills may come after a rerun has already finished (it resumed past most of the work);
+    // the first comes within the first half of a full run, so it lands.
+    assert!(k1 >= 1, "the test should really interrupt training");
 
     // Every sample file: same rows, none lost or duplicated.
     let jsonl = files_under(&a, ".jsonl");
