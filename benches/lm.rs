@@ -36,6 +36,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+use optimsyn_examples::bench::{
+    criterion_test_mode, matmul_operands, proc_status_mib, round, threads,
+};
 use optimsyn_lm::{CausalLm, LoadOptions, SamplingParams, row_key};
 use tch::{Device, Kind, Tensor};
 
@@ -73,14 +76,6 @@ const SMOKE: Shapes = Shapes {
     square: 96,
     matvec: (256, 256),
 };
-
-fn threads() -> i32 {
-    env::var("THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(2)
-}
 
 fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes
@@ -163,15 +158,6 @@ fn generate(b: &Bench, prompts: &[Vec<u32>], new_tokens: usize) -> u64 {
         .fold(0xcbf29ce484222325, |h, &t| fnv1a(h, &t.to_le_bytes()))
 }
 
-/// Random f32 operands of a `[m, k] · [k, n]` matmul.
-fn matmul_operands(m: i64, k: i64, n: i64) -> (Tensor, Tensor) {
-    tch::manual_seed(1);
-    (
-        Tensor::randn([m, k], (Kind::Float, Device::Cpu)),
-        Tensor::randn([k, n], (Kind::Float, Device::Cpu)),
-    )
-}
-
 /// Weight matrices as one batch-1 decode step reads them: every 2-D weight of the model (the tied
 /// embedding once, as the output projection), each applied to a `[1, 1, in]` input with `linear`.
 fn model_matvec_bytes(b: &Bench) -> i64 {
@@ -205,12 +191,6 @@ fn model_matvec_inputs(b: &Bench) -> Vec<(Tensor, &Tensor)> {
             )
         })
         .collect()
-}
-
-/// Criterion's own rule: test mode unless `--bench` is given without `--test`.
-fn criterion_test_mode() -> bool {
-    let args: Vec<String> = env::args().collect();
-    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
 }
 
 fn criterion_benches(c: &mut Criterion, s: Shapes) {
@@ -293,19 +273,6 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
-}
-
-/// A `VmHWM`/`VmRSS` line of `/proc/self/status`, in MiB (Linux only).
-fn proc_status_mib(field: &str) -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let p = 10f64.powi(digits);
-    (x * p).round() / p
 }
 
 /// A JSON value, enough for one flat object of figures (the bench has no JSON dependency).

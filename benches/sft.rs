@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use optimsyn_data_io::ModelConfig;
+use optimsyn_examples::bench::{
+    criterion_test_mode, matmul_operands, proc_status_mib, round, threads,
+};
 use optimsyn_lm::sft::{self, SftConfig};
 use optimsyn_lm::{
     CausalLm, DataInfo, LoadOptions, LoraAdapter, LoraConfig, TrainExample, Trainable,
@@ -80,14 +83,6 @@ const SMOKE: Shapes = Shapes {
     matmul: (64, 64, 64),
     square: 96,
 };
-
-fn threads() -> i32 {
-    env::var("THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(2)
-}
 
 /// FLOPs per input token of a LoRA training step (see the module docs), and of `6·N`.
 fn flops_per_token(c: &ModelConfig, lora_params: f64, all_params: f64, seq: usize) -> (f64, f64) {
@@ -225,20 +220,6 @@ fn bench_cell(cell: &OnceCell<std::cell::RefCell<Bench>>, s: Shapes) -> &std::ce
     cell.get_or_init(|| std::cell::RefCell::new(load(s).unwrap_or_else(|e| panic!("{e}"))))
 }
 
-fn matmul_operands(m: i64, k: i64, n: i64) -> (Tensor, Tensor) {
-    tch::manual_seed(1);
-    (
-        Tensor::randn([m, k], (Kind::Float, Device::Cpu)),
-        Tensor::randn([k, n], (Kind::Float, Device::Cpu)),
-    )
-}
-
-/// Criterion's own rule: test mode unless `--bench` is given without `--test`.
-fn criterion_test_mode() -> bool {
-    let args: Vec<String> = env::args().collect();
-    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
-}
-
 fn criterion_benches(c: &mut Criterion, s: Shapes) {
     let cell = &OnceCell::new();
     {
@@ -284,19 +265,6 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
-}
-
-/// A `VmHWM`/`VmRSS` line of `/proc/self/status`, in MiB (Linux only).
-fn proc_status_mib(field: &str) -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let p = 10f64.powi(digits);
-    (x * p).round() / p
 }
 
 fn env_usize(name: &str) -> Option<usize> {

@@ -150,3 +150,48 @@ pub fn bench_model_dir() -> Result<PathBuf, String> {
     }
     Ok(dir)
 }
+
+/// Helpers the benchmarks in `benches/` share.
+pub mod bench {
+    use std::env;
+
+    use tch::{Device, Kind, Tensor};
+
+    /// libtorch threads for a benchmark: `THREADS`, default 2 (DESIGN.md, Benchmarks).
+    pub fn threads() -> i32 {
+        env::var("THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(2)
+    }
+
+    /// `x` rounded to `digits` decimals, for the JSON figures.
+    pub fn round(x: f64, digits: i32) -> f64 {
+        let p = 10f64.powi(digits);
+        (x * p).round() / p
+    }
+
+    /// A `VmHWM`/`VmRSS` line of `/proc/self/status`, in MiB (Linux only).
+    pub fn proc_status_mib(field: &str) -> Option<f64> {
+        let s = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = s.lines().find(|l| l.starts_with(field))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    }
+
+    /// Criterion's own rule: test mode unless `--bench` is given without `--test`.
+    pub fn criterion_test_mode() -> bool {
+        let args: Vec<String> = env::args().collect();
+        !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
+    }
+
+    /// Random f32 operands of a `[m, k] · [k, n]` matmul.
+    pub fn matmul_operands(m: i64, k: i64, n: i64) -> (Tensor, Tensor) {
+        tch::manual_seed(1);
+        (
+            Tensor::randn([m, k], (Kind::Float, Device::Cpu)),
+            Tensor::randn([k, n], (Kind::Float, Device::Cpu)),
+        )
+    }
+}
