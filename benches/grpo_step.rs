@@ -39,8 +39,7 @@ fn forward_flops(c: &ModelConfig, tokens: f64, context: f64, logits: f64) -> f64
 
 fn main() -> Result<(), Box<dyn Error>> {
     let all: Vec<String> = std::env::args().skip(1).collect();
-    // Criterion's rule: measure under `--bench` unless `--test` asks for the quick run.
-    let measure = all.iter().any(|a| a == "--bench") && !all.iter().any(|a| a == "--test");
+    let measure = !optimsyn_examples::bench::criterion_test_mode();
     let mut args: Vec<String> = all.into_iter().filter(|a| !a.starts_with("--")).collect();
     if measure && args.is_empty() {
         args.push(optimsyn_examples::bench_model_dir()?.display().to_string());

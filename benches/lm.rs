@@ -36,9 +36,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use optimsyn_examples::bench::{
-    criterion_test_mode, matmul_operands, proc_status_mib, round, threads,
-};
+use optimsyn_examples::bench::{matmul_operands, proc_status_mib, round, threads};
 use optimsyn_lm::{CausalLm, LoadOptions, SamplingParams, row_key};
 use tch::{Device, Kind, Tensor};
 
@@ -599,16 +597,5 @@ fn json_mode() -> Result<(), String> {
 }
 
 fn main() {
-    if env::var_os("OPTIMSYN_BENCH_JSON").is_some_and(|v| v != "0") {
-        if let Err(e) = json_mode() {
-            eprintln!("lm bench: {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    tch::set_num_threads(threads());
-    let shapes = if criterion_test_mode() { SMOKE } else { FULL };
-    let mut c = Criterion::default().configure_from_args();
-    criterion_benches(&mut c, shapes);
-    c.final_summary();
+    optimsyn_examples::bench::main("lm", json_mode, SMOKE, FULL, criterion_benches);
 }

@@ -55,9 +55,7 @@ fn measure(g: &dyn Generator, prompts: &[ChatPrompt], reps: usize) -> Figures {
 }
 
 fn main() {
-    // Criterion's rule: measure under `--bench` unless `--test` asks for the quick run.
-    let args: Vec<String> = std::env::args().collect();
-    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
+    let full = !optimsyn_examples::bench::criterion_test_mode();
     let (dir, reps, new_tokens) = if full {
         match optimsyn_examples::bench_model_dir() {
             Ok(d) => (d, env_num("REPS", 5), 64),

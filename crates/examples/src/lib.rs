@@ -180,6 +180,31 @@ pub mod bench {
         Some(kb / 1024.0)
     }
 
+    /// The entry point of the criterion benchmarks: with `OPTIMSYN_BENCH_JSON` set (not `0`),
+    /// `json_mode` prints one JSON object for the side-by-side runners in `python/bench/`;
+    /// otherwise criterion runs `benches` on the `full` shapes, or the `smoke` ones in criterion's
+    /// test mode (`cargo test`, `--test`).
+    pub fn main<S>(
+        name: &str,
+        json_mode: impl FnOnce() -> Result<(), String>,
+        smoke: S,
+        full: S,
+        benches: impl FnOnce(&mut criterion::Criterion, S),
+    ) {
+        if env::var_os("OPTIMSYN_BENCH_JSON").is_some_and(|v| v != "0") {
+            if let Err(e) = json_mode() {
+                eprintln!("{name} bench: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        tch::set_num_threads(threads());
+        let shapes = if criterion_test_mode() { smoke } else { full };
+        let mut c = criterion::Criterion::default().configure_from_args();
+        benches(&mut c, shapes);
+        c.final_summary();
+    }
+
     /// Criterion's own rule: test mode unless `--bench` is given without `--test`.
     pub fn criterion_test_mode() -> bool {
         let args: Vec<String> = env::args().collect();
