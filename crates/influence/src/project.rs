@@ -80,28 +80,78 @@ pub struct Projector {
     sjlt: Option<(Tensor, Tensor)>,
 }
 
-/// `[rows, k]` ±1 f32: rows `start..start + rows` of the dense matrix.
-fn dense_rows(seed: u64, start: usize, rows: usize, k: usize) -> Result<Tensor> {
+/// Eight ±1 floats for each byte: entry `j` is +1 when bit `j` is set.
+const SIGNS: [[f32; 8]; 256] = {
+    let mut t = [[0.0f32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            t[b][j] = if (b >> j) & 1 == 1 { 1.0 } else { -1.0 };
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Writes rows `start..start + rows` of the dense ±1 matrix into `out` (`rows · k` floats, row
+/// major). Row `r`'s entry `c` is bit `c % 64` of the row's `c / 64`-th word, the words of a
+/// block's rows following each other in the ChaCha stream keyed by `(seed, block)`.
+fn fill_dense_rows(seed: u64, start: usize, rows: usize, k: usize, out: &mut [f32]) {
     debug_assert!(start.is_multiple_of(DENSE_BLOCK));
+    debug_assert_eq!(out.len(), rows * k);
     let words_per_row = k.div_ceil(64);
-    let mut bytes: Vec<u8> = Vec::with_capacity(rows * words_per_row * 8);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream((start / DENSE_BLOCK) as u64);
-    for _ in 0..rows * words_per_row {
-        bytes.extend_from_slice(&rng.next_u64().to_le_bytes());
+    let mut row_bytes = vec![0u8; words_per_row * 8];
+    for row in out.chunks_exact_mut(k) {
+        for w in row_bytes.chunks_exact_mut(8) {
+            w.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        // A table lookup per byte instead of a branch per bit: this runs P·k times per call.
+        for (dst, &byte) in row.chunks_mut(8).zip(&row_bytes) {
+            dst.copy_from_slice(&SIGNS[byte as usize][..dst.len()]);
+        }
     }
-    let f = || -> std::result::Result<Tensor, tch::TchError> {
-        let b =
-            Tensor::f_from_slice(&bytes)?.f_view([rows as i64, (words_per_row * 8) as i64, 1])?;
-        let shifts = Tensor::f_arange(8, (Kind::Uint8, Device::Cpu))?.f_view([1, 1, 8])?;
-        let bits = b.f_bitwise_right_shift(&shifts)?.f_bitwise_and(1)?;
-        let m = bits
-            .f_view([rows as i64, -1])?
-            .f_narrow(1, 0, k as i64)?
-            .f_to_kind(Kind::Float)?;
-        m.f_mul_scalar(2.0)?.f_sub_scalar(1.0)
-    };
-    f().op("dense projection block")
+}
+
+/// Fills the CPU f32 tensor `buf` (`[DENSE_BLOCK, k]`, contiguous; views returned by an earlier
+/// call must be dropped first: they see the new contents) with rows
+/// `start..start + rows` of the dense matrix and returns the `[rows, k]` view of them.
+fn dense_rows_into(
+    buf: &mut Tensor,
+    seed: u64,
+    start: usize,
+    rows: usize,
+    k: usize,
+) -> Result<Tensor> {
+    let size = buf.size();
+    if buf.kind() != Kind::Float
+        || buf.device() != Device::Cpu
+        || !buf.is_contiguous()
+        || size.len() != 2
+        || size[1] != k as i64
+        || (size[0] as usize) < rows
+    {
+        return Err(Error::Input(format!(
+            "dense projection buffer must be a contiguous CPU f32 [{rows}+, {k}] tensor, got {:?} {size:?}",
+            buf.kind()
+        )));
+    }
+    // SAFETY: `buf` is a contiguous CPU f32 tensor of at least `rows · k` elements (checked
+    // above), it is borrowed mutably for this call and no view of it is alive, so the slice is
+    // the only access to that memory while it exists.
+    let out = unsafe { std::slice::from_raw_parts_mut(buf.data_ptr() as *mut f32, rows * k) };
+    fill_dense_rows(seed, start, rows, k, out);
+    buf.f_narrow(0, 0, rows as i64).op("dense projection block")
+}
+
+/// `[rows, k]` ±1 f32: rows `start..start + rows` of the dense matrix, in a new tensor.
+fn dense_rows(seed: u64, start: usize, rows: usize, k: usize) -> Result<Tensor> {
+    let mut buf = Tensor::f_empty([rows as i64, k as i64], (Kind::Float, Device::Cpu))
+        .op("dense projection")?;
+    dense_rows_into(&mut buf, seed, start, rows, k)
 }
 
 impl Projector {
@@ -193,16 +243,22 @@ impl Projector {
                 }
                 let mut out =
                     Tensor::f_zeros([*b, k as i64], (Kind::Float, dev)).op("projection")?;
+                // One block buffer for the whole call: a fresh 32 MiB allocation per block is a
+                // fresh mapping whose page faults cost more than filling it.
+                let mut buf = Tensor::f_empty(
+                    [DENSE_BLOCK.min(self.p) as i64, k as i64],
+                    (Kind::Float, Device::Cpu),
+                )
+                .op("projection")?;
                 for start in (0..self.p).step_by(DENSE_BLOCK) {
                     let rows = DENSE_BLOCK.min(self.p - start);
-                    let m = dense_rows(seed, start, rows, k)?
+                    let m = dense_rows_into(&mut buf, seed, start, rows, k)?
                         .f_to_device(dev)
                         .op("projection")?;
-                    let part = x
+                    let xs = x
                         .f_narrow(1, start as i64, rows as i64)
-                        .and_then(|xs| xs.f_matmul(&m))
                         .op("dense projection")?;
-                    out = out.f_add_(&part).op("dense projection")?;
+                    let _ = out.f_addmm_(&xs, &m).op("dense projection")?;
                 }
                 Ok(out)
             }
@@ -235,5 +291,50 @@ impl Projector {
                 Ok(out)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The matrix as first defined: each row's stream bytes unpacked bit by bit (LSB first).
+    fn reference_rows(seed: u64, start: usize, rows: usize, k: usize) -> Vec<f32> {
+        let words_per_row = k.div_ceil(64);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream((start / DENSE_BLOCK) as u64);
+        let mut out = Vec::with_capacity(rows * k);
+        for _ in 0..rows {
+            let words: Vec<u64> = (0..words_per_row).map(|_| rng.next_u64()).collect();
+            for c in 0..k {
+                let bit = (words[c / 64] >> (c % 64)) & 1;
+                out.push(if bit == 1 { 1.0 } else { -1.0 });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dense_rows_match_the_bitwise_definition() {
+        // k not a multiple of 8 or 64 exercises the partial last byte and word.
+        for (seed, start, rows, k) in [(7, 0, 5, 8192), (3, 2 * DENSE_BLOCK, 9, 77), (1, 0, 3, 5)] {
+            let want = reference_rows(seed, start, rows, k);
+            let got = dense_rows(seed, start, rows, k).unwrap();
+            let got = Vec::<f32>::try_from(got.view([-1])).unwrap();
+            assert_eq!(got, want, "seed {seed} start {start} rows {rows} k {k}");
+        }
+    }
+
+    #[test]
+    fn blockwise_dense_projection_equals_the_cached_matrix() {
+        let (p, k) = (2 * DENSE_BLOCK + 37, 96);
+        let kind = ProjectorKind::Dense { k, seed: 11 };
+        let streamed = Projector::new(kind, p, 0).unwrap();
+        let cached = Projector::new(kind, p, usize::MAX).unwrap();
+        let x = Tensor::randn([3, p as i64], (Kind::Float, Device::Cpu));
+        let (a, b) = (streamed.project(&x).unwrap(), cached.project(&x).unwrap());
+        let err = (&a - &b).abs().max().double_value(&[]);
+        let scale = b.abs().max().double_value(&[]);
+        assert!(err <= 1e-5 * scale, "max |Δ| {err} (scale {scale})");
     }
 }

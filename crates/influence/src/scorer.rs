@@ -425,8 +425,9 @@ impl InfluenceScorer {
                 if first_losses.is_empty() {
                     first_losses = losses;
                 }
-                let gamma = c.moments.precondition(&g, self.cfg.precond)?;
+                let mut gamma = g.f_to_kind(Kind::Float).op("gradients")?;
                 drop(g);
+                c.moments.precondition_(&mut gamma, self.cfg.precond)?;
                 let x = normalize(&self.projector.project(&gamma)?)?;
                 let cos = x.f_matmul(&c.val.f_tr().op("scores")?).op("scores")?;
                 total = total
