@@ -37,15 +37,50 @@ pub struct Linear {
 impl Linear {
     /// Applies the layer (and its adapter, if any) to `x` of shape `[…, in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x
-            .f_linear(&self.weight, self.bias.as_ref())
-            .op_with(|| self.name.clone())?;
+        let y = self.project(x).op_with(|| self.name.clone())?;
         match &self.adapter {
             Some(a) => a.forward(x, y),
             None => Ok(y),
         }
     }
+
+    /// `x W^T + b` without the adapter.
+    fn project(&self, x: &Tensor) -> TchResult<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
 }
+
+/// `x W^T + b` for `x` `[…, in]` and `weight` `[out, in]`.
+fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> TchResult<Tensor> {
+    let size = x.size();
+    let (inp, out) = (weight.size()[1], weight.size()[0]);
+    let rows = size.iter().rev().skip(1).product::<i64>();
+    if x.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && SMALL_BATCH_ROWS.contains(&rows)
+        && size.last() == Some(&inp)
+    {
+        // MKL's x·Wᵀ kernel for a dozen to a few dozen rows (batched decoding, GRPO rollouts)
+        // reads the weights at half the speed of its W·xᵀ, which treats the long output
+        // dimension as the rows: measured 1.2-1.3x less time for 12-40 rows.
+        let y = weight
+            .f_matmul(&x.f_reshape([rows, inp])?.f_tr()?)?
+            .f_tr()?;
+        let y = match bias {
+            Some(b) => y.f_add(b)?,
+            None => y,
+        };
+        let mut shape = size;
+        if let Some(last) = shape.last_mut() {
+            *last = out;
+        }
+        return y.f_reshape(shape.as_slice());
+    }
+    x.f_linear(weight, bias)
+}
+
+/// Row counts for which [`Linear`] multiplies as `W·xᵀ` on the CPU (see `Linear::project`).
+const SMALL_BATCH_ROWS: std::ops::RangeInclusive<i64> = 12..=40;
 
 /// Root-mean-square layer norm, computed in f32 and cast back, as transformers does (f64 inputs
 /// stay in f64).
@@ -881,9 +916,7 @@ impl CausalLm {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.lm_head {
             Some(l) => l.forward(hidden),
-            None => hidden
-                .f_linear(&self.embed_tokens, None::<&Tensor>)
-                .op("lm_head (tied)"),
+            None => linear(hidden, &self.embed_tokens, None).op("lm_head (tied)"),
         }
     }
 
@@ -981,4 +1014,34 @@ pub fn log_softmax_at(logits: &Tensor, temperature: f64) -> Result<Tensor> {
         l.f_log_softmax(-1, None::<Kind>)
     };
     f().op("log-softmax")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_batch_linear_equals_the_plain_one() {
+        tch::manual_seed(3);
+        let w = Tensor::randn([48, 20], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([48], (Kind::Float, Device::Cpu));
+        // Row counts below, inside and above SMALL_BATCH_ROWS, as 2-D and 3-D inputs.
+        for shape in [
+            vec![1, 20],
+            vec![11, 20],
+            vec![12, 20],
+            vec![4, 4, 20],
+            vec![40, 1, 20],
+            vec![41, 20],
+        ] {
+            let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+            for bias in [None, Some(&b)] {
+                let want = x.linear(&w, bias);
+                let got = linear(&x, &w, bias).unwrap();
+                assert_eq!(got.size(), want.size(), "{shape:?}");
+                let err = (&got - &want).abs().max().double_value(&[]);
+                assert!(err < 1e-5, "{shape:?}: {err}");
+            }
+        }
+    }
 }
