@@ -114,7 +114,8 @@ fn fill_dense_rows(rng: &mut ChaCha8Rng, k: usize, out: &mut [f32]) {
     let threads = (tch::get_num_threads().max(1) as usize).min(rows.max(1));
     if threads > 1 && rows >= 64 {
         // Rows split between threads, each seeking the stream to its first row: the same
-        // matrix as one thread writes, in a fraction of the time (this is ~40 % of a dense call).
+        // matrix as one thread writes (single-threaded, writing the signs took ~25 % of a dense
+        // scoring call on the bench model).
         let first = rng.get_word_pos();
         let per = rows.div_ceil(threads);
         std::thread::scope(|scope| {

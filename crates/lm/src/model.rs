@@ -53,7 +53,9 @@ impl Linear {
 /// `x W^T + b` for `x` `[…, in]` and `weight` `[out, in]`.
 fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> TchResult<Tensor> {
     let size = x.size();
-    let (inp, out) = (weight.size()[1], weight.size()[0]);
+    let &[out, inp] = weight.size().as_slice() else {
+        return x.f_linear(weight, bias);
+    };
     let rows = size.iter().rev().skip(1).product::<i64>();
     if x.device() == Device::Cpu
         && x.kind() == Kind::Float
@@ -79,7 +81,7 @@ fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> TchResult<Tenso
     x.f_linear(weight, bias)
 }
 
-/// Row counts for which [`Linear`] multiplies as `W·xᵀ` on the CPU (see `Linear::project`).
+/// Row counts for which [`Linear`] multiplies as `W·xᵀ` on the CPU (see `linear`).
 const SMALL_BATCH_ROWS: std::ops::RangeInclusive<i64> = 12..=40;
 
 /// Root-mean-square layer norm, computed in f32 and cast back, as transformers does (f64 inputs
