@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cache::{KvCache, LayerKv};
 use crate::error::{Error, Result, TorchContext};
-use crate::rope::{Rotary, apply_rotary};
+use crate::rope::{Rotary, apply_rotary_signed, signed_sin};
 use crate::weights::WeightStore;
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
@@ -97,7 +97,14 @@ impl RmsNorm {
     /// Normalizes the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> TchResult<Tensor> {
         let kind = x.kind();
-        // f32 as transformers, except that f64 stays f64 (gradient checks need the precision).
+        if matches!(kind, Kind::Float | Kind::Double) && self.weight.kind() == kind {
+            // libtorch's rms_norm computes the same `x · rsqrt(mean(x²) + eps) · weight` in one
+            // call instead of seven (decoding is dominated by per-op overhead).
+            let d = x.size().last().copied().unwrap_or(0);
+            return x.f_rms_norm([d].as_slice(), Some(&self.weight), self.eps);
+        }
+        // f32 as transformers (half kinds are cast back before the scale, as transformers does),
+        // except that f64 stays f64 (gradient checks need the precision).
         let xf = if kind == Kind::Double {
             x.shallow_clone()
         } else {
@@ -120,8 +127,10 @@ struct AttnPlan {
     mask: Option<Tensor>,
     /// Use SDPA's built-in causal mask (no padding, no cache offset).
     is_causal: bool,
+    /// `[B, 1, T, D]`.
     cos: Tensor,
-    sin: Tensor,
+    /// `[B, 1, T, D]`, see [`signed_sin`].
+    signed_sin: Tensor,
 }
 
 /// Multi-head attention with grouped key/value heads, RoPE, and Qwen3's per-head q/k norms.
@@ -175,8 +184,8 @@ impl Attention {
         let q = heads(q, h, &self.q_norm).op_with(|| format!("{name}: query heads"))?;
         let k = heads(k, kvh, &self.k_norm).op_with(|| format!("{name}: key heads"))?;
         let v = heads(v, kvh, &None).op_with(|| format!("{name}: value heads"))?;
-        let q = apply_rotary(&q, &plan.cos, &plan.sin)?;
-        let k = apply_rotary(&k, &plan.cos, &plan.sin)?;
+        let q = apply_rotary_signed(&q, &plan.cos, &plan.signed_sin)?;
+        let k = apply_rotary_signed(&k, &plan.cos, &plan.signed_sin)?;
         let (k, v) = match kv {
             None => (k, v),
             Some((cache, len)) => {
@@ -888,11 +897,12 @@ impl CausalLm {
             }
         };
         let (cos, sin) = self.rotary.cos_sin(&positions, self.kind)?;
+        // Broadcast over heads once per forward, not in every layer.
         let plan = AttnPlan {
             mask: attn_mask,
             is_causal,
-            cos,
-            sin,
+            cos: cos.f_unsqueeze(1).op("RoPE")?,
+            signed_sin: signed_sin(&sin)?.f_unsqueeze(1).op("RoPE")?,
         };
         let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)
             .op("model.embed_tokens")?;

@@ -88,15 +88,55 @@ impl Rotary {
 /// Applies RoPE to `x` of shape `[B, heads, T, D]` with `cos`/`sin` of shape `[B, T, D]`:
 /// `x * cos + rotate_half(x) * sin`, as transformers' `apply_rotary_pos_emb`.
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
+        Ok((cos.f_unsqueeze(1)?, sin.f_unsqueeze(1)?))
+    };
+    let (cos, sin) = f().op("RoPE")?;
+    apply_rotary_signed(x, &cos, &signed_sin(&sin)?)
+}
+
+/// `sin` with its first half negated, so that `rotate_half(x) * sin` becomes
+/// `roll(x, D/2) * signed_sin`: `rotate_half(x) = [-x₂, x₁]` and `roll(x, D/2) = [x₂, x₁]`, and
+/// `x₂ · (−s)` is `−(x₂ · s)` exactly, so the result is bit-identical.
+pub fn signed_sin(sin: &Tensor) -> Result<Tensor> {
     let f = || -> std::result::Result<Tensor, tch::TchError> {
-        let d = x.size().last().copied().unwrap_or(0);
+        let d = sin.size().last().copied().unwrap_or(0);
         let half = d / 2;
-        let x1 = x.f_narrow(-1, 0, half)?;
-        let x2 = x.f_narrow(-1, half, half)?;
-        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
-        let cos = cos.f_unsqueeze(1)?;
-        let sin = sin.f_unsqueeze(1)?;
-        x.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)
+        Tensor::f_cat(
+            &[
+                &sin.f_narrow(-1, 0, half)?.f_neg()?,
+                &sin.f_narrow(-1, half, d - half)?,
+            ],
+            -1,
+        )
     };
     f().op("RoPE")
+}
+
+/// [`apply_rotary`] with `cos` and [`signed_sin`] already broadcastable to `x` (three tensor ops
+/// per call instead of nine: decoding runs it twice per layer per token).
+pub fn apply_rotary_signed(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
+    let f = || -> std::result::Result<Tensor, tch::TchError> {
+        let d = x.size().last().copied().unwrap_or(0);
+        let rolled = x.f_roll([d / 2].as_slice(), [-1i64].as_slice())?;
+        x.f_mul(cos)?.f_add(&rolled.f_mul(signed_sin)?)
+    };
+    f().op("RoPE")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolled_rotary_is_bit_identical_to_rotate_half() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([2, 3, 5, 8], (Kind::Float, Device::Cpu));
+        let cos = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+        let sin = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+        let rotated = Tensor::cat(&[&x.narrow(-1, 4, 4).neg(), &x.narrow(-1, 0, 4)], -1);
+        let want = &x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1);
+        let got = apply_rotary(&x, &cos, &sin).unwrap();
+        assert!(got.equal(&want));
+    }
 }
