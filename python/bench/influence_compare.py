@@ -28,33 +28,14 @@ and the share of the CPU other processes took during each measurement.
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_compare import (BASELINES, ROOT, cargo_env, cpu_model, load1, log, run,  # noqa: E402
-                        run_measured, wait_quiet)
+from lm_compare import (BASELINES, build, common_args, cargo_env, cpu_model, load1, log, run,  # noqa: E402
+                        sides, wait_quiet, write_json)
 
 FLOORS = {"dense_vs_less": 20.0, "sjlt_vs_less_noproj": 1.5, "proj_vs_matmul": 0.5}
-
-
-def build(env, name):
-    """Builds bench `name` (cargo bench profile) and returns the executable's path."""
-    cmd = ["cargo", "bench", "-p", "optimsyn-examples", "--bench", name, "--no-run", "--message-format=json"]
-    log("build:", " ".join(cmd))
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True)
-    exe = None
-    for line in out.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == name and msg.get("executable"):
-            exe = msg["executable"]
-    if not exe:
-        sys.exit(f"cargo did not report the {name} bench executable")
-    return exe
 
 
 OURS_PARTS = ["dense", "sjlt", "exact,grads", "projection,matmul"]
@@ -68,16 +49,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--candidates", type=int, default=64, help="candidates per scoring call on our side")
-    ap.add_argument("--model", help="bench model folder (default: the one the bench binary writes and caches)")
-    ap.add_argument("--python", default=os.environ.get("OPTIMSYN_PYTHON", sys.executable),
-                    help="interpreter for the Python side (default: OPTIMSYN_PYTHON, else this one)")
-    ap.add_argument("--exe", help="a built influence bench binary (skips cargo)")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for both sides")
-    ap.add_argument("--load-below", type=float, default=1e9)
-    ap.add_argument("--max-wait", type=int, default=0)
-    ap.add_argument("--clean-share", type=float, default=0.1,
-                    help="a round is clean when other processes used less than this share of the CPU throughout")
-    ap.add_argument("--json", help="also write every figure to this file")
+    common_args(ap, "influence", "Python", load_below=1e9, max_wait=0, clean_share=0.1, omp_wait_policy="PASSIVE")
     args = ap.parse_args()
 
     env = cargo_env()
@@ -94,11 +66,7 @@ def main():
     rust_env["OPTIMSYN_BENCH_MODEL"] = model
     log(f"bench model: {model}; work folder {prep['work_dir']}; prepared in {prep_wall:.1f} s")
 
-    def rust(which):
-        return run_measured([exe], dict(rust_env, WHICH=which))
-
-    def python(which):
-        return run_measured([args.python, str(BASELINES), model], dict(base, WHICH=which))
+    rust, python = sides(exe, rust_env, [args.python, str(BASELINES), model], base)
 
     load_start = wait_quiet(args.load_below, args.max_wait)
     log(f"measuring at load average {load_start:.2f}")
@@ -226,9 +194,7 @@ def main():
           f"full rows {o['proj_sjlt_s']} s")
     print("dense call breakdown (s):", json.dumps(breakdown))
     print("peak RSS (MiB):", json.dumps(report["peak_rss_mib"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        log("wrote", args.json)
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,9 @@ def cargo_env():
     return env
 
 
-def build(env):
-    """Builds the lm bench (cargo bench profile) and returns the executable's path."""
-    cmd = ["cargo", "bench", "-p", "optimsyn-examples", "--bench", "lm", "--no-run", "--message-format=json"]
+def build(env, name="lm"):
+    """Builds bench `name` (cargo bench profile) and returns the executable's path."""
+    cmd = ["cargo", "bench", "-p", "optimsyn-examples", "--bench", name, "--no-run", "--message-format=json"]
     log("build:", " ".join(cmd))
     out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True)
     exe = None
@@ -67,11 +67,43 @@ def build(env):
             msg = json.loads(line)
         except ValueError:
             continue
-        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "lm" and msg.get("executable"):
+        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == name and msg.get("executable"):
             exe = msg["executable"]
     if not exe:
-        sys.exit("lm_compare: cargo did not report the lm bench executable")
+        sys.exit(f"cargo did not report the {name} bench executable")
     return exe
+
+
+def common_args(ap, bench, reference, load_below, max_wait, clean_share, omp_wait_policy=None):
+    """The options every side-by-side runner shares (with its own defaults)."""
+    ap.add_argument("--model", help="bench model folder (default: the one the bench binary writes and caches)")
+    ap.add_argument("--python", default=os.environ.get("OPTIMSYN_PYTHON", sys.executable),
+                    help=f"interpreter for the {reference} side (default: OPTIMSYN_PYTHON, else this one)")
+    ap.add_argument("--exe", help=f"a built {bench} bench binary (skips cargo)")
+    if omp_wait_policy is not None:
+        ap.add_argument("--omp-wait-policy", default=omp_wait_policy, help="OMP_WAIT_POLICY for both sides")
+    ap.add_argument("--load-below", type=float, default=load_below)
+    ap.add_argument("--max-wait", type=int, default=max_wait)
+    ap.add_argument("--clean-share", type=float, default=clean_share,
+                    help="a round is clean when other processes used less than this share of the CPU throughout")
+    ap.add_argument("--json", help="also write every figure to this file")
+
+
+def sides(exe, rust_env, python_cmd, python_env):
+    """`(rust, python)`: run our bench binary / the Python baseline with WHICH=which, measured."""
+    def rust(which):
+        return run_measured([exe], dict(rust_env, WHICH=which))
+
+    def python(which):
+        return run_measured(python_cmd, dict(python_env, WHICH=which))
+    return rust, python
+
+
+def write_json(report, path):
+    """Writes the report to `path` when one was given."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1) + "\n")
+        log("wrote", path)
 
 
 def load1():
@@ -166,15 +198,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", help="bench model folder (default: the one the bench binary writes and caches)")
-    ap.add_argument("--python", default=os.environ.get("OPTIMSYN_PYTHON", sys.executable),
-                    help="interpreter for the transformers side (default: OPTIMSYN_PYTHON, else this one)")
-    ap.add_argument("--exe", help="a built bench binary (skips cargo)")
-    ap.add_argument("--load-below", type=float, default=0.7)
-    ap.add_argument("--max-wait", type=int, default=300)
-    ap.add_argument("--clean-share", type=float, default=0.05,
-                    help="a round is clean when other processes used less than this share of the CPU throughout")
-    ap.add_argument("--json", help="also write every figure to this file")
+    common_args(ap, "lm", "transformers", load_below=0.7, max_wait=300, clean_share=0.05)
     args = ap.parse_args()
 
     env = cargo_env()
@@ -189,11 +213,7 @@ def main():
     rust_env["OPTIMSYN_BENCH_MODEL"] = model
     log("bench model:", model)
 
-    def rust(which):
-        return run_measured([exe], dict(rust_env, WHICH=which))
-
-    def python(which):
-        return run_measured([args.python, str(BASELINES), model], dict(base, WHICH=which))
+    rust, python = sides(exe, rust_env, [args.python, str(BASELINES), model], base)
 
     load_start = wait_quiet(args.load_below, args.max_wait)
     log(f"measuring at load average {load_start:.2f}")
@@ -307,9 +327,7 @@ def main():
           f"ours {b['ours_b1_pct_of_limit']}%, transformers {b['transformers_b1_pct_of_limit']}%; "
           f"the model's own matvecs alone: {b['model_matvec_gb_s']} GB/s = {b['model_matvec_tok_s']} tok/s")
     print("peak RSS (MiB):", json.dumps(report["peak_rss_mib"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        log("wrote", args.json)
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_compare import (build, cargo_env, common_args, cpu_model, load1, log, run,  # noqa: E402
+                        run_measured, wait_quiet, write_json)
+
 FLOOR = 1.1
 
 
@@ -85,24 +89,12 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per process (the first is a warm-up)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--model", help="bench model folder (default: the one the bench binary writes and caches)")
-    ap.add_argument("--python", default=os.environ.get("OPTIMSYN_PYTHON", sys.executable),
-                    help="interpreter for the transformers side (default: OPTIMSYN_PYTHON, else this one)")
-    ap.add_argument("--exe", help="a built sft bench binary (skips cargo)")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for both sides")
-    ap.add_argument("--load-below", type=float, default=1e9)
-    ap.add_argument("--max-wait", type=int, default=0)
-    ap.add_argument("--clean-share", type=float, default=0.1,
-                    help="a round is clean when other processes used less than this share of the CPU throughout")
-    ap.add_argument("--json", help="also write every figure to this file")
+    common_args(ap, "sft", "transformers", load_below=1e9, max_wait=0, clean_share=0.1, omp_wait_policy="PASSIVE")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, max(2, args.steps), args.batch, args.seq)
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from influence_compare import build
-    from lm_compare import cargo_env, cpu_model, load1, log, run, run_measured, wait_quiet
 
     env = cargo_env()
     exe = args.exe or build(env, "sft")
@@ -205,9 +197,7 @@ def main():
           f"({gflops['transformers']['pct_of_matmul']}%; 6NT {gflops['transformers']['gflop_s_6nt']}); plain matmul "
           f"{probes['matmul_shape']} {mm}, square {probes['matmul_square_shape']} {sq}")
     print("peak RSS (MiB):", json.dumps(report["peak_rss_mib"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        log("wrote", args.json)
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":
