@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_compare import (BASELINES, build, common_args, cargo_env, cpu_model, load1, log, run,  # noqa: E402
-                        sides, wait_quiet, write_json)
+                        print_machine, sides, wait_quiet, write_json)
 
 FLOORS = {"dense_vs_less": 20.0, "sjlt_vs_less_noproj": 1.5, "proj_vs_matmul": 0.5}
 
@@ -169,13 +169,7 @@ def main():
         "rounds": rounds,
     }
 
-    m = report["machine"]
-    print(f"\nmachine: {m['cpu']}, nproc {m['nproc']}, threads {args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy}, "
-          f"load average before/after each round: {m['load_avg_during']} (includes this run's own threads); "
-          f"other processes used at most {100 * m['other_processes_cpu_share_max']:.1f}% of the CPU during a measurement")
-    print("other processes' CPU share per round (max over its measurements): "
-          + ", ".join(f"{100 * max(rd['foreign_cpu'].values()):.1f}%" for rd in rounds)
-          + f"; best figures from rounds {report['clean_rounds'] or 'all (none clean)'}")
+    print_machine(report, args.threads, rounds, omp_wait_policy=args.omp_wait_policy)
     print(f"bench model: {model}; LoRA params {report['lora_params']}; candidates per call: ours {args.candidates}, "
           f"LESS loop 8 (its projection is generated once per 8)\n")
     print("| comparison | ours | reference | ratio (of bests; per round) | floor | pass |")

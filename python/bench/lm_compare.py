@@ -99,6 +99,20 @@ def sides(exe, rust_env, python_cmd, python_env):
     return rust, python
 
 
+def print_machine(report, threads, rounds, omp_wait_policy=None, extra=None):
+    """The machine and noise lines every runner prints above its table."""
+    m = report["machine"]
+    omp = f", OMP_WAIT_POLICY={omp_wait_policy}" if omp_wait_policy else ""
+    print(f"\nmachine: {m['cpu']}, nproc {m['nproc']}, threads {threads}{omp}, "
+          f"load average before/after each round: {m['load_avg_during']} (includes this run's own threads); "
+          f"other processes used at most {100 * m['other_processes_cpu_share_max']:.1f}% of the CPU during a measurement")
+    if extra:
+        print(extra)
+    print("other processes' CPU share per round (max over its measurements): "
+          + ", ".join(f"{100 * max(rd['foreign_cpu'].values()):.1f}%" for rd in rounds)
+          + f"; best figures from rounds {report['clean_rounds'] or 'all (none clean)'}")
+
+
 def write_json(report, path):
     """Writes the report to `path` when one was given."""
     if path:
@@ -304,14 +318,8 @@ def main():
         "probes": probes,
     }
 
-    print(f"\nmachine: {report['machine']['cpu']}, nproc {report['machine']['nproc']}, threads {args.threads}, "
-          f"load average before/after each round: {report['machine']['load_avg_during']} (includes this run's own "
-          f"{args.threads} threads); other processes used at most "
-          f"{100 * report['machine']['other_processes_cpu_share_max']:.1f}% of the CPU during any measurement")
-    print(f"bench model: {model} ({report['params']} parameters)")
-    print("other processes' CPU share per round (max over its measurements): "
-          + ", ".join(f"{100 * max(rd['foreign_cpu'].values()):.1f}%" for rd in rounds)
-          + f"; best figures from rounds {report['clean_rounds'] or 'all (none clean)'}\n")
+    print_machine(report, args.threads, rounds, extra=f"bench model: {model} ({report['params']} parameters)")
+    print()
     print("| metric | ours | transformers | ratio (of bests; per round) | floor | pass |")
     print("|---|---:|---:|---|---|---|")
     for r in rows:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_compare import (build, cargo_env, common_args, cpu_model, load1, log, run,  # noqa: E402
-                        run_measured, wait_quiet, write_json)
+                        print_machine, run_measured, wait_quiet, write_json)
 
 FLOOR = 1.1
 
@@ -176,13 +176,7 @@ def main():
         "clean_rounds": [i + 1 for i, rd in enumerate(rounds) if rd in clean],
         "rounds": rounds, "probes": probes,
     }
-    m = report["machine"]
-    print(f"\nmachine: {m['cpu']}, nproc {m['nproc']}, threads {args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy}, "
-          f"load average before/after each round: {m['load_avg_during']} (includes this run's own threads); "
-          f"other processes used at most {100 * m['other_processes_cpu_share_max']:.1f}% of the CPU during a measurement")
-    print("other processes' CPU share per round (max): "
-          + ", ".join(f"{100 * max(rd['foreign_cpu'].values()):.1f}%" for rd in rounds)
-          + f"; best figures from rounds {report['clean_rounds'] or 'all (none clean)'}")
+    print_machine(report, args.threads, rounds, omp_wait_policy=args.omp_wait_policy)
     print(f"bench model: {model} ({report['params']} parameters, LoRA {report['lora_params']}); "
           f"{args.batch} x {args.seq} tokens per step, {args.steps} steps per process (first not counted)\n")
     print("| tokens/s | ours | transformers + PEFT | ratio (of bests; per round) |")
