@@ -45,6 +45,7 @@ mod rope;
 mod sampling;
 mod save;
 pub mod sft;
+mod small_gemm;
 mod weights;
 
 pub use cache::KvCache;

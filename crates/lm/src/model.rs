@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::cache::{KvCache, LayerKv};
 use crate::error::{Error, Result, TorchContext};
 use crate::rope::{Rotary, apply_rotary_signed, signed_sin};
+use crate::small_gemm;
 use crate::weights::WeightStore;
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
@@ -57,6 +58,11 @@ fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> TchResult<Tenso
         return x.f_linear(weight, bias);
     };
     let rows = size.iter().rev().skip(1).product::<i64>();
+    if rows <= small_gemm::MAX_ROWS
+        && let Some(y) = small_gemm::linear(x, weight, bias)
+    {
+        return y;
+    }
     if x.device() == Device::Cpu
         && x.kind() == Kind::Float
         && SMALL_BATCH_ROWS.contains(&rows)
