@@ -257,3 +257,68 @@ fn adamw_steps_with_decay_clipping_and_schedule_equal_torch() {
         }
     }
 }
+
+/// The loss fuses the output projection with the cross-entropy when the head is frozen; with a
+/// trainable head it goes through autograd over full logits. Both must give the same per-row sums
+/// and the same LoRA gradients, padding and a row without loss tokens included.
+#[test]
+fn fused_loss_equals_the_autograd_one_in_values_and_lora_gradients() {
+    for name in CASES {
+        let exp = case_expected(name);
+        let mut rows = sft_rows(&exp);
+        let (first, _) = rows[0].clone();
+        rows.push((
+            first[..first.len().min(5)].to_vec(),
+            vec![0; first.len().min(5)],
+        ));
+        let run = |trainable_head: bool| -> (Vec<f64>, Vec<(String, Tensor)>) {
+            let (mut model, adapter) = adapted(name, Kind::Float);
+            if trainable_head {
+                model.embed_tokens = model.embed_tokens.detach().set_requires_grad(true);
+                if let Some(l) = model.lm_head.as_mut() {
+                    l.weight = l.weight.detach().set_requires_grad(true);
+                }
+            }
+            let seqs: Vec<MaskedSeq<'_>> = rows
+                .iter()
+                .map(|(t, m)| MaskedSeq {
+                    tokens: t,
+                    loss_mask: m,
+                })
+                .collect();
+            let batch = LossBatch::new(&seqs, model.device()).expect("batch");
+            let sums = model.masked_nll_sums(&batch).expect("sums");
+            let per = model.per_sample_loss(&batch).expect("per-sample");
+            (sums.sum(Kind::Float) + per.sum(Kind::Float)).backward();
+            let values = Vec::<f64>::try_from(sums.to_kind(Kind::Double)).expect("values");
+            let grads = adapter
+                .named_parameters()
+                .into_iter()
+                .map(|(k, p)| (k, p.grad()))
+                .collect();
+            (values, grads)
+        };
+        let (fused, fused_grads) = run(false);
+        let (plain, plain_grads) = run(true);
+        assert_eq!(fused.len(), rows.len());
+        assert_eq!(
+            *fused.last().expect("row"),
+            0.0,
+            "{name}: row without targets"
+        );
+        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{name} row {i}: {a} vs {b}"
+            );
+        }
+        for ((k, a), (_, b)) in fused_grads.iter().zip(&plain_grads) {
+            assert!(
+                a.isfinite().all().int64_value(&[]) == 1,
+                "{name}: {k} not finite"
+            );
+            let e = rel_err(a, b);
+            assert!(e < 1e-4, "{name}: {k}: relative error {e}");
+        }
+    }
+}
