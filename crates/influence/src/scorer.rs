@@ -167,8 +167,16 @@ pub fn gradients(
     idx: &[usize],
     max_batch_tokens: usize,
 ) -> Result<(Tensor, Vec<f32>)> {
-    let mut rows = Vec::new();
-    let mut losses = Vec::new();
+    let kind = adapter
+        .named_parameters()
+        .first()
+        .map_or(tch::Kind::Float, |(_, p)| p.kind());
+    let all = Tensor::f_empty(
+        [idx.len() as i64, adapter.num_parameters()],
+        (kind, model.device()),
+    )
+    .op("gradients")?;
+    let mut losses = Vec::with_capacity(idx.len());
     for b in
         optimsyn_lm::sft::token_budget_batches(idx, |i| examples[i].tokens.len(), max_batch_tokens)
     {
@@ -180,11 +188,13 @@ pub fn gradients(
             })
             .collect();
         let batch = LossBatch::new(&seqs, model.device())?;
-        let (g, l) = adapter.per_sample_grads(model, &batch)?;
-        rows.push(g);
-        losses.extend(l);
+        // Batches come in `idx` order, so each fills the next rows of `all`.
+        let rows = all
+            .f_narrow(0, losses.len() as i64, b.len() as i64)
+            .op("gradients")?;
+        losses.extend(adapter.per_sample_grads_into(model, &batch, &rows)?);
     }
-    Ok((Tensor::f_cat(&rows, 0).op("gradients")?, losses))
+    Ok((all, losses))
 }
 
 /// L2-normalizes rows (zero rows stay zero).

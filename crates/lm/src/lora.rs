@@ -757,6 +757,34 @@ impl LoraAdapter {
         model: &CausalLm,
         batch: &crate::loss::LossBatch,
     ) -> Result<(Tensor, Vec<f32>)> {
+        let rows = batch.counts.len() as i64;
+        let kind = self.modules.first().map_or(Kind::Float, |m| m.b.kind());
+        let out = Tensor::f_empty([rows, self.num_parameters()], (kind, model.device()))
+            .op("per-sample gradients")?;
+        let losses = self.per_sample_grads_into(model, batch, &out)?;
+        Ok((out, losses))
+    }
+
+    /// [`LoraAdapter::per_sample_grads`] written into `out` (`[B, P]`, rows contiguous, e.g.
+    /// `narrow(0, …)` of a larger buffer, in the adapter's kind and on its device): each module's
+    /// blocks are computed straight into their columns, with no per-module temporaries or
+    /// concatenation. Returns each row's loss.
+    pub fn per_sample_grads_into(
+        &self,
+        model: &CausalLm,
+        batch: &crate::loss::LossBatch,
+        out: &Tensor,
+    ) -> Result<Vec<f32>> {
+        let want = [batch.counts.len() as i64, self.num_parameters()];
+        if out.size() != want || out.stride().last() != Some(&1) {
+            return Err(Error::input(format!(
+                "per-sample gradients need a [{}, {}] output with contiguous rows, got {:?} (strides {:?})",
+                want[0],
+                want[1],
+                out.size(),
+                out.stride()
+            )));
+        }
         {
             let mut g = self
                 .key
@@ -765,7 +793,7 @@ impl LoraAdapter {
             g.key = None;
             g.probes = Some((0..self.modules.len()).map(|_| None).collect());
         }
-        let result = self.probed_grads(model, batch);
+        let result = self.probed_grads(model, batch, out);
         if let Ok(mut g) = self.key.lock() {
             g.probes = None;
         }
@@ -776,7 +804,8 @@ impl LoraAdapter {
         &self,
         model: &CausalLm,
         batch: &crate::loss::LossBatch,
-    ) -> Result<(Tensor, Vec<f32>)> {
+        out: &Tensor,
+    ) -> Result<Vec<f32>> {
         let per = model.per_sample_loss(batch)?;
         let losses = crate::generate::to_vec_f32(&per.f_detach().op("per-sample loss")?)?;
         let total = per.f_sum(per.kind()).op("per-sample loss")?;
@@ -803,25 +832,28 @@ impl LoraAdapter {
         let deltas =
             Tensor::f_run_backward(&[&total], &probes, false, false).op("per-sample backward")?;
         let b = batch.counts.len() as i64;
-        let mut cols = Vec::with_capacity(2 * caps.len());
+        let mut off = 0i64;
         for ((m, c), delta) in self.modules.iter().zip(&caps).zip(&deltas) {
-            let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
-                // [B, T, out] → [B, out, T] · [B, T, r] = [B, out, r]
-                let gb = delta
+            let mut f = || -> std::result::Result<(), tch::TchError> {
+                let (r, inp) = (m.a.size()[0], m.a.size()[1]);
+                let outf = m.b.size()[0];
+                // The scale goes on the r-wide factors, not on the [out, r] / [r, in] products.
+                // ∇A: (s δ B)ᵀ [B, r, T] · x [B, T, in] = [B, r, in]
+                let db = delta.f_matmul(&m.b.f_detach()?)?.f_mul_scalar(m.scale)?;
+                let ga = out.f_narrow(1, off, r * inp)?.f_view([b, r, inp])?;
+                let _ = db.f_transpose(1, 2)?.f_bmm_out(&ga, &c.x)?;
+                off += r * inp;
+                // ∇B: δᵀ [B, out, T] · (s h) [B, T, r] = [B, out, r]
+                let gb = out.f_narrow(1, off, outf * r)?.f_view([b, outf, r])?;
+                let _ = delta
                     .f_transpose(1, 2)?
-                    .f_bmm(&c.h)?
-                    .f_mul_scalar(m.scale)?;
-                // (δ B) [B, T, r] → [B, r, T] · [B, T, in] = [B, r, in]
-                let db = delta.f_matmul(&m.b.f_detach()?)?;
-                let ga = db.f_transpose(1, 2)?.f_bmm(&c.x)?.f_mul_scalar(m.scale)?;
-                Ok((ga.f_reshape([b, -1])?, gb.f_reshape([b, -1])?))
+                    .f_bmm_out(&gb, &c.h.f_mul_scalar(m.scale)?)?;
+                off += outf * r;
+                Ok(())
             };
-            let (ga, gb) = f().op_with(|| format!("per-sample gradient of `{}`", m.module))?;
-            cols.push(ga);
-            cols.push(gb);
+            f().op_with(|| format!("per-sample gradient of `{}`", m.module))?;
         }
-        let grads = Tensor::f_cat(&cols, 1).op("per-sample gradients")?;
-        Ok((grads, losses))
+        Ok(losses)
     }
 
     /// Replaces the adapter's weights with those of another adapter folder of the same shape (e.g.

@@ -4,10 +4,10 @@
 //! each weight matrix at ~20 GFLOP/s per core because the weights it streams are not prefetched
 //! far enough ahead: measured on the bench model's 57 projections plus head at 8 rows, one thread,
 //! 21.5 ms per step against 10.5 ms here. This kernel reads the row-major weights (`[out, in]`, as
-//! checkpoints store them) once, a pair of output rows at a time, with every input row in registers
-//! against them, and prefetches the pairs four blocks ahead while it computes; threads split the output rows.
-//! Each output element is the same sum in the same order whatever the number of rows, so a row's
-//! result does not depend on the batch it is decoded in.
+//! checkpoints store them) once, a few output rows at a time against every input row, prefetching
+//! four blocks ahead into L2 while it computes; threads split the output rows. Each output element
+//! is the same sum in the same order whatever the number of rows, so a row's result does not
+//! depend on the batch it is decoded in.
 //!
 //! Threads come from the OpenMP runtime libtorch itself runs on (`GOMP_parallel`, found at run
 //! time), so the kernel and libtorch's own ops share one pool instead of two sets of threads
