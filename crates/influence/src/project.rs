@@ -69,6 +69,41 @@ const DENSE_BLOCK: usize = 1024;
 /// Input coordinates hashed per SJLT block.
 const SJLT_BLOCK: usize = 1 << 16;
 
+/// The sign bit of an SJLT table entry.
+const SIGN_BIT: u32 = 1 << 31;
+
+/// `out[r] += Σⱼ x[r, j] · (±1/√s at the s buckets of j)` for every row `r` of `x` (`[rows, p]`),
+/// `out` `[rows, k]`. Rows are split over libtorch's thread count; each thread takes its rows in
+/// groups of eight, so one pass over a stretch of the table serves eight rows whose outputs
+/// (8 × k floats) stay in cache.
+fn sjlt_cpu(codes: &[u32], s: usize, scale: f32, x: &[f32], p: usize, out: &mut [f32], k: usize) {
+    const GROUP: usize = 8;
+    let rows = out.len() / k.max(1);
+    let threads = (tch::get_num_threads().max(1) as usize).min(rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        for (t, outs) in out.chunks_mut(per * k).enumerate() {
+            let r0 = t * per;
+            sc.spawn(move || {
+                for (g, og) in outs.chunks_mut(GROUP * k).enumerate() {
+                    let first = r0 + g * GROUP;
+                    let n = og.len() / k;
+                    for (j, c) in codes.chunks_exact(s).enumerate().take(p) {
+                        for r in 0..n {
+                            let v = x[(first + r) * p + j] * scale;
+                            let o = &mut og[r * k..(r + 1) * k];
+                            for &code in c {
+                                let signed = f32::from_bits(v.to_bits() ^ (code & SIGN_BIT));
+                                o[(code & !SIGN_BIT) as usize] += signed;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
 /// A projector for inputs of one dimension `P`.
 #[derive(Debug)]
 pub struct Projector {
@@ -76,8 +111,8 @@ pub struct Projector {
     p: usize,
     /// The whole dense matrix `[P, k]`, when it fits the cache budget.
     dense_cache: Option<Tensor>,
-    /// SJLT: `[P·s]` output indices and `[P·s]` signed weights.
-    sjlt: Option<(Tensor, Tensor)>,
+    /// SJLT: `P·s` entries, each an output index with the sign in bit 31 (set: −1/√s).
+    sjlt: Option<Vec<u32>>,
 }
 
 /// Eight ±1 floats for each byte: entry `j` is +1 when bit `j` is set.
@@ -222,9 +257,12 @@ impl Projector {
                         "SJLT needs 0 < s ≤ k, got s {s}, k {k}"
                     )));
                 }
-                let mut idx: Vec<i64> = Vec::with_capacity(p * s);
-                let mut w: Vec<f32> = Vec::with_capacity(p * s);
-                let scale = 1.0 / (s as f32).sqrt();
+                if k > SIGN_BIT as usize {
+                    return Err(Error::Input(format!(
+                        "SJLT dimension k {k} exceeds {SIGN_BIT}"
+                    )));
+                }
+                let mut codes: Vec<u32> = Vec::with_capacity(p * s);
                 for start in (0..p).step_by(SJLT_BLOCK) {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream((start / SJLT_BLOCK) as u64);
@@ -234,15 +272,17 @@ impl Projector {
                             let lo = j * k / s;
                             let hi = (j + 1) * k / s;
                             let r = rng.next_u64();
-                            idx.push((lo + (r >> 1) as usize % (hi - lo)) as i64);
-                            w.push(if r & 1 == 1 { scale } else { -scale });
+                            let bucket = (lo + (r >> 1) as usize % (hi - lo)) as u32;
+                            // Low bit 1: +1/√s.
+                            codes.push(if r & 1 == 1 {
+                                bucket
+                            } else {
+                                bucket | SIGN_BIT
+                            });
                         }
                     }
                 }
-                let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
-                    Ok((Tensor::f_from_slice(&idx)?, Tensor::f_from_slice(&w)?))
-                };
-                me.sjlt = Some(f().op("SJLT table")?);
+                me.sjlt = Some(codes);
             }
         }
         Ok(me)
@@ -299,34 +339,59 @@ impl Projector {
                 Ok(out)
             }
             ProjectorKind::Sjlt { k, s, .. } => {
-                let (idx, w) = self
+                let codes = self
                     .sjlt
                     .as_ref()
                     .ok_or_else(|| Error::Input("SJLT table missing".into()))?;
-                let (idx, w) = (
-                    idx.f_to_device(dev).op("projection")?,
-                    w.f_to_device(dev).op("projection")?,
-                );
-                let mut out =
-                    Tensor::f_zeros([*b, k as i64], (Kind::Float, dev)).op("projection")?;
-                // Chunks of coordinates bound the [B, chunk·s] temporary.
-                let chunk = 1 << 18;
-                for start in (0..self.p).step_by(chunk) {
-                    let n = chunk.min(self.p - start) as i64;
-                    let mut f = || -> std::result::Result<(), tch::TchError> {
-                        let xs = x
-                            .f_narrow(1, start as i64, n)?
-                            .f_repeat_interleave_self_int(s as i64, 1, None)?;
-                        let ws = w.f_narrow(0, start as i64 * s as i64, n * s as i64)?;
-                        let is = idx.f_narrow(0, start as i64 * s as i64, n * s as i64)?;
-                        let _ = out.f_index_add_(1, &is, &xs.f_mul(&ws)?)?;
-                        Ok(())
+                let scale = 1.0 / (s as f32).sqrt();
+                if dev == tch::Device::Cpu {
+                    let x = x.f_contiguous().op("projection")?;
+                    let out =
+                        Tensor::f_zeros([*b, k as i64], (Kind::Float, dev)).op("projection")?;
+                    let (rows, p) = (*b as usize, self.p);
+                    // SAFETY: both tensors are contiguous f32 on the CPU with these shapes and
+                    // live to the end of this block; `out` is not aliased.
+                    let (xs, os) = unsafe {
+                        (
+                            std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * p),
+                            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, rows * k),
+                        )
                     };
-                    f().op("SJLT projection")?;
+                    sjlt_cpu(codes, s, scale, xs, p, os, k);
+                    return Ok(out);
                 }
-                Ok(out)
+                self.sjlt_scatter(&x, codes, s, k)
             }
         }
+    }
+
+    /// The SJLT as libtorch scatter-adds over index / weight tensors built from the table (any
+    /// device), in chunks that bound the `[B, chunk·s]` temporary.
+    fn sjlt_scatter(&self, x: &Tensor, codes: &[u32], s: usize, k: usize) -> Result<Tensor> {
+        let (dev, b) = (x.device(), x.size()[0]);
+        let scale = 1.0 / (s as f32).sqrt();
+        let mut out = Tensor::f_zeros([b, k as i64], (Kind::Float, dev)).op("projection")?;
+        let chunk = 1 << 18;
+        for start in (0..self.p).step_by(chunk) {
+            let n = chunk.min(self.p - start);
+            let part = &codes[start * s..(start + n) * s];
+            let idx: Vec<i64> = part.iter().map(|c| (c & !SIGN_BIT) as i64).collect();
+            let w: Vec<f32> = part
+                .iter()
+                .map(|c| if c & SIGN_BIT == 0 { scale } else { -scale })
+                .collect();
+            let mut f = || -> std::result::Result<(), tch::TchError> {
+                let xs = x
+                    .f_narrow(1, start as i64, n as i64)?
+                    .f_repeat_interleave_self_int(s as i64, 1, None)?;
+                let ws = Tensor::f_from_slice(&w)?.f_to_device(dev)?;
+                let is = Tensor::f_from_slice(&idx)?.f_to_device(dev)?;
+                let _ = out.f_index_add_(1, &is, &xs.f_mul(&ws)?)?;
+                Ok(())
+            };
+            f().op("SJLT projection")?;
+        }
+        Ok(out)
     }
 }
 
@@ -388,5 +453,25 @@ mod tests {
         let err = (&a - &b).abs().max().double_value(&[]);
         let scale = b.abs().max().double_value(&[]);
         assert!(err <= 1e-5 * scale, "max |Δ| {err} (scale {scale})");
+    }
+}
+
+#[cfg(test)]
+mod sjlt_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_sjlt_equals_the_scatter_definition() {
+        // Odd sizes: rows not a multiple of the group, P not a multiple of the hash block.
+        let (rows, p, k) = (11usize, SJLT_BLOCK + 777, 96usize);
+        let proj = Projector::new(ProjectorKind::Sjlt { k, s: 4, seed: 9 }, p, 0).unwrap();
+        tch::manual_seed(5);
+        let x = Tensor::randn([rows as i64, p as i64], (Kind::Float, tch::Device::Cpu));
+        let got = proj.project(&x).unwrap();
+        let codes = proj.sjlt.as_ref().unwrap();
+        let want = proj.sjlt_scatter(&x, codes, 4, k).unwrap();
+        let err = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        assert!(err <= 1e-5 * scale, "max error {err} at scale {scale}");
     }
 }
