@@ -172,7 +172,7 @@ impl CausalLm {
                     let len = step.min(n - start);
                     let logits = hd.f_narrow(0, start, len)?.f_matmul(&head.f_tr()?)?;
                     let tg = targets.f_narrow(0, start, len)?.f_unsqueeze(1)?;
-                    let lse = logits.f_logsumexp(&[1i64], true)?;
+                    let lse = logits.f_logsumexp([1i64], true)?;
                     nll.f_narrow(0, start, len)?.f_copy_(
                         &lse.f_sub(&logits.f_gather(1, &tg, false)?)?
                             .f_squeeze_dim(1)?,

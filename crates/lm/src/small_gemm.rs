@@ -98,15 +98,56 @@ mod imp {
         .as_ref()
     }
 
-    fn avx512() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    /// The vector extension the kernel runs on.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    pub(super) enum Isa {
+        Avx512,
+        /// AVX2 with FMA (8 lanes, 16 registers): CPUs without AVX-512, e.g. AMD before Zen 4.
+        Avx2,
+    }
+
+    fn isa() -> Option<Isa> {
+        static HAS: OnceLock<Option<Isa>> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Some(Isa::Avx512)
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
     }
 
     pub(super) fn linear(
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
+    ) -> Option<TchResult<Tensor>> {
+        linear_on(x, weight, bias, isa()?)
+    }
+
+    /// The vector extensions this CPU can run the kernel on (tests run each).
+    #[cfg(test)]
+    pub(super) fn available() -> Vec<Isa> {
+        let mut v = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            v.push(Isa::Avx512);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+
+    pub(super) fn linear_on(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        isa: Isa,
     ) -> Option<TchResult<Tensor>> {
         let size = x.size();
         let &[out, inp] = weight.size().as_slice() else {
@@ -117,7 +158,6 @@ mod imp {
             || size.last() != Some(&inp)
             || inp == 0
             || out == 0
-            || !avx512()
             || !applies(x, weight, bias)
         {
             return None;
@@ -127,7 +167,9 @@ mod imp {
         if threads > 1 && omp.is_none() {
             return None;
         }
-        Some(run(x, weight, bias, rows, inp, out, size, threads, omp))
+        Some(run(
+            x, weight, bias, rows, inp, out, size, threads, omp, isa,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -141,6 +183,7 @@ mod imp {
         mut shape: Vec<i64>,
         threads: i32,
         omp: Option<&'static Omp>,
+        isa: Isa,
     ) -> TchResult<Tensor> {
         let x = x.f_reshape([rows, inp])?.f_contiguous()?;
         let y = Tensor::f_empty([rows, out], (Kind::Float, x.device()))?;
@@ -151,6 +194,7 @@ mod imp {
             x: x.data_ptr() as *const f32,
             w: weight.data_ptr() as *const f32,
             y: y.data_ptr() as *mut f32,
+            isa,
         };
         match omp {
             Some(o) if threads > 1 && job.n >= 64 => {
@@ -187,6 +231,7 @@ mod imp {
         x: *const f32,
         w: *const f32,
         y: *mut f32,
+        isa: Isa,
     }
 
     unsafe extern "C" fn body(ctx: *mut c_void) {
@@ -210,17 +255,19 @@ mod imp {
         /// Output columns `n0..n1` of every row.
         ///
         /// # Safety
-        /// The buffers must be valid for the shapes in `self`, the CPU must have AVX-512F.
+        /// The buffers must be valid for the shapes in `self`, the CPU must have `self.isa`.
+        // `n + NR <= n1` reads as the block bound even when NR is 1.
+        #[allow(clippy::int_plus_one)]
         unsafe fn columns(&self, n0: usize, n1: usize) {
             macro_rules! go {
-                ($mr:literal, $nr:literal, $pf:literal) => {{
+                ($block:ident, $mr:literal, $nr:literal, $pf:literal) => {{
                     let mut n = n0;
                     // SAFETY: every block reads rows n..n+NR of W (< n1 ≤ self.n) and writes
                     // columns n..n+NR of y; the prefetched addresses may run past W, which
                     // prefetch tolerates.
                     unsafe {
                         while n + $nr <= n1 {
-                            block::<$mr, $nr, $pf>(
+                            $block::<$mr, $nr, $pf>(
                                 self.x,
                                 self.k,
                                 self.w.add(n * self.k),
@@ -230,7 +277,7 @@ mod imp {
                             n += $nr;
                         }
                         while n < n1 {
-                            block::<$mr, 1, false>(
+                            $block::<$mr, 1, false>(
                                 self.x,
                                 self.k,
                                 self.w.add(n * self.k),
@@ -244,15 +291,24 @@ mod imp {
             }
             // One row is bandwidth-bound and the hardware prefetcher keeps up; from two rows on
             // the compute per weight line leaves it behind without the explicit prefetch.
-            match self.m {
-                1 => go!(1, 16, false),
-                2 => go!(2, 8, true),
-                3 => go!(3, 4, true),
-                4 => go!(4, 4, true),
-                5 => go!(5, 2, true),
-                6 => go!(6, 2, true),
-                7 => go!(7, 2, true),
-                _ => go!(8, 2, true),
+            match (self.isa, self.m) {
+                (Isa::Avx512, 1) => go!(block, 1, 16, false),
+                (Isa::Avx512, 2) => go!(block, 2, 8, true),
+                (Isa::Avx512, 3) => go!(block, 3, 4, true),
+                (Isa::Avx512, 4) => go!(block, 4, 4, true),
+                (Isa::Avx512, 5) => go!(block, 5, 2, true),
+                (Isa::Avx512, 6) => go!(block, 6, 2, true),
+                (Isa::Avx512, 7) => go!(block, 7, 2, true),
+                (Isa::Avx512, _) => go!(block, 8, 2, true),
+                // Twelve accumulators at most, leaving registers for the loads.
+                (Isa::Avx2, 1) => go!(block2, 1, 8, false),
+                (Isa::Avx2, 2) => go!(block2, 2, 4, true),
+                (Isa::Avx2, 3) => go!(block2, 3, 3, true),
+                (Isa::Avx2, 4) => go!(block2, 4, 2, true),
+                (Isa::Avx2, 5) => go!(block2, 5, 2, true),
+                (Isa::Avx2, 6) => go!(block2, 6, 2, true),
+                (Isa::Avx2, 7) => go!(block2, 7, 1, true),
+                (Isa::Avx2, _) => go!(block2, 8, 1, true),
             }
         }
     }
@@ -333,6 +389,68 @@ mod imp {
         }
     }
 
+    /// [`block`] on AVX2 + FMA: 8 lanes, each sum over 8 k-strided partial sums, then across
+    /// the lanes in the same order for every output.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block2<const MR: usize, const NR: usize, const PF: bool>(
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); MR]; NR];
+        let mut kk = 0;
+        // SAFETY (whole body): as for `block`; the tail uses masked loads.
+        unsafe {
+            while kk + 8 <= k {
+                let mut wv = [_mm256_setzero_ps(); NR];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(w.add(j * k + kk));
+                }
+                if PF && kk % 16 == 0 {
+                    // One prefetch per 64-byte line.
+                    for j in 0..NR {
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            w.wrapping_add((4 * NR + j) * k + kk) as *const i8
+                        );
+                    }
+                }
+                for i in 0..MR {
+                    let xv = _mm256_loadu_ps(x.add(i * k + kk));
+                    for j in 0..NR {
+                        acc[j][i] = _mm256_fmadd_ps(wv[j], xv, acc[j][i]);
+                    }
+                }
+                kk += 8;
+            }
+            if kk < k {
+                let lanes: [i32; 8] = std::array::from_fn(|l| if kk + l < k { -1 } else { 0 });
+                let mask = _mm256_loadu_si256(lanes.as_ptr() as *const __m256i);
+                let mut wv = [_mm256_setzero_ps(); NR];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_maskload_ps(w.add(j * k + kk), mask);
+                }
+                for i in 0..MR {
+                    let xv = _mm256_maskload_ps(x.add(i * k + kk), mask);
+                    for j in 0..NR {
+                        acc[j][i] = _mm256_fmadd_ps(wv[j], xv, acc[j][i]);
+                    }
+                }
+            }
+            for i in 0..MR {
+                for j in 0..NR {
+                    let v = acc[j][i];
+                    let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                    let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+                    let o = _mm_add_ss(d, _mm_shuffle_ps::<1>(d, d));
+                    *y.add(i * ldy + j) = _mm_cvtss_f32(o);
+                }
+            }
+        }
+    }
+
     /// The sixteen horizontal sums of `a` in one vector, in 45 shuffles and adds instead of
     /// sixteen separate reductions (~140): lane `4L + c` holds the sum of `a[4c + L]`. Each level
     /// halves the partial sums per input and doubles the inputs per vector.
@@ -373,60 +491,6 @@ mod imp {
 mod tests {
     use super::*;
 
-    fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
-        let x = x.to_kind(Kind::Double);
-        let y = x.matmul(&w.to_kind(Kind::Double).tr());
-        match b {
-            Some(b) => y + b.to_kind(Kind::Double),
-            None => y,
-        }
-    }
-
-    #[test]
-    fn equals_a_double_precision_product_for_every_row_count_and_odd_shapes() {
-        if !cfg!(target_arch = "x86_64") || !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        tch::manual_seed(3);
-        let _g = tch::no_grad_guard();
-        for &(out, inp) in &[(64, 512), (67, 37), (130, 16), (5, 3), (1, 1)] {
-            let w = Tensor::randn([out, inp], (Kind::Float, Device::Cpu));
-            let b = Tensor::randn([out], (Kind::Float, Device::Cpu));
-            for rows in 1..=MAX_ROWS {
-                for bias in [None, Some(&b)] {
-                    let x = Tensor::randn([rows, 1, inp], (Kind::Float, Device::Cpu));
-                    let y = linear(&x, &w, bias).expect("applies").unwrap();
-                    assert_eq!(y.size(), vec![rows, 1, out]);
-                    let err = (y.to_kind(Kind::Double) - reference(&x, &w, bias))
-                        .abs()
-                        .max()
-                        .double_value(&[]);
-                    assert!(
-                        err < 1e-4 * (inp as f64).sqrt(),
-                        "{out}x{inp}, {rows} rows: {err}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
-        if !cfg!(target_arch = "x86_64") || !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        let _g = tch::no_grad_guard();
-        let w = Tensor::randn([300, 200], (Kind::Float, Device::Cpu));
-        let x = Tensor::randn([8, 200], (Kind::Float, Device::Cpu));
-        let all = linear(&x, &w, None).expect("applies").unwrap();
-        for rows in 1..=8 {
-            let part = linear(&x.narrow(0, 0, rows), &w, None)
-                .expect("applies")
-                .unwrap();
-            assert!(part.equal(&all.narrow(0, 0, rows)), "{rows} rows");
-        }
-    }
-
     #[test]
     fn declines_what_it_does_not_handle() {
         let w = Tensor::randn([16, 16], (Kind::Float, Device::Cpu));
@@ -440,5 +504,64 @@ mod tests {
             linear(&x.narrow(0, 0, 2), &w.tr(), None).is_none(),
             "transposed weight"
         );
+    }
+}
+
+/// Each kernel variant this CPU supports (AVX-512 and AVX2 on an AVX-512 machine).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod kernel_tests {
+    use super::imp::{available, linear_on};
+    use super::*;
+
+    fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+        let x = x.to_kind(Kind::Double);
+        let y = x.matmul(&w.to_kind(Kind::Double).tr());
+        match b {
+            Some(b) => y + b.to_kind(Kind::Double),
+            None => y,
+        }
+    }
+
+    #[test]
+    fn equals_a_double_precision_product_for_every_row_count_and_odd_shapes() {
+        tch::manual_seed(3);
+        let _g = tch::no_grad_guard();
+        for isa in available() {
+            for &(out, inp) in &[(64, 512), (67, 37), (130, 16), (5, 3), (1, 1)] {
+                let w = Tensor::randn([out, inp], (Kind::Float, Device::Cpu));
+                let b = Tensor::randn([out], (Kind::Float, Device::Cpu));
+                for rows in 1..=MAX_ROWS {
+                    for bias in [None, Some(&b)] {
+                        let x = Tensor::randn([rows, 1, inp], (Kind::Float, Device::Cpu));
+                        let y = linear_on(&x, &w, bias, isa).expect("applies").unwrap();
+                        assert_eq!(y.size(), vec![rows, 1, out]);
+                        let err = (y.to_kind(Kind::Double) - reference(&x, &w, bias))
+                            .abs()
+                            .max()
+                            .double_value(&[]);
+                        assert!(
+                            err < 1e-4 * (inp as f64).sqrt(),
+                            "{isa:?} {out}x{inp}, {rows} rows: {err}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        let _g = tch::no_grad_guard();
+        let w = Tensor::randn([300, 203], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([8, 203], (Kind::Float, Device::Cpu));
+        for isa in available() {
+            let all = linear_on(&x, &w, None, isa).expect("applies").unwrap();
+            for rows in 1..=8 {
+                let part = linear_on(&x.narrow(0, 0, rows), &w, None, isa)
+                    .expect("applies")
+                    .unwrap();
+                assert!(part.equal(&all.narrow(0, 0, rows)), "{isa:?}, {rows} rows");
+            }
+        }
     }
 }
