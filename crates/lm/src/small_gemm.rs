@@ -12,7 +12,8 @@
 //! Threads come from the OpenMP runtime libtorch itself runs on (`GOMP_parallel`, found at run
 //! time), so the kernel and libtorch's own ops share one pool instead of two sets of threads
 //! spinning against each other on few cores. Where that runtime or AVX-512 is missing, or
-//! gradients are needed, [`linear`] returns `None` and the caller uses libtorch.
+//! gradients are needed, [`linear`] returns `None` and the caller uses libtorch;
+//! `OPTIMSYN_SMALL_GEMM=off` does that always, `=avx2` opts into the AVX2 + FMA variant.
 
 use tch::{Device, Kind, Tensor};
 
@@ -102,22 +103,29 @@ mod imp {
     #[derive(Clone, Copy, PartialEq, Debug)]
     pub(super) enum Isa {
         Avx512,
-        /// AVX2 with FMA (8 lanes, 16 registers): CPUs without AVX-512, e.g. AMD before Zen 4.
+        /// AVX2 with FMA (8 lanes, 16 registers), opt-in: CPUs without AVX-512 (AMD before Zen 4).
         Avx2,
     }
+
+    /// `OPTIMSYN_SMALL_GEMM=off` uses libtorch for every row count, `avx2` the AVX2 variant
+    /// (wherever the CPU has AVX2 + FMA); anything else (or unset) the AVX-512 one where the CPU
+    /// has it. Read once.
+    const ENV: &str = "OPTIMSYN_SMALL_GEMM";
 
     fn isa() -> Option<Isa> {
         static HAS: OnceLock<Option<Isa>> = OnceLock::new();
         *HAS.get_or_init(|| {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                Some(Isa::Avx512)
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                Some(Isa::Avx2)
-            } else {
-                None
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            match std::env::var(ENV).ok().as_deref() {
+                Some("off") => return None,
+                Some("avx2") => return avx2.then_some(Isa::Avx2),
+                _ => {}
             }
+            // AVX2 is opt-in: on this AVX-512 machine it decoded no faster than MKL at 8 rows
+            // and slower at one (it has half the registers for the tile), so by default
+            // AVX2-only CPUs keep MKL until the variant is measured on one.
+            std::arch::is_x86_feature_detected!("avx512f").then_some(Isa::Avx512)
         })
     }
 
