@@ -20,6 +20,11 @@
 //!    (temperature, top-k, top-p) from per-row ChaCha streams keyed by `(seed, row key)`, so a seed
 //!    gives the same tokens at any batch size and on any device.
 //!
+//! On an AVX-512 CPU, projections of 1–8 rows without gradients (decoding) run on the crate's own
+//! kernel, which streams the weights faster than MKL does at so few rows (docs/PERFORMANCE.md);
+//! `OPTIMSYN_SMALL_GEMM=off` sends them to libtorch instead. The training loss projects only the
+//! loss positions through a frozen output layer, in chunks, without a `[B, T, vocab]` tensor.
+//!
 //! ```no_run
 //! use optimsyn_lm::{CausalLm, LoadOptions, SamplingParams, row_key};
 //!
