@@ -161,11 +161,13 @@ impl CausalLm {
                 .f_to_kind(Kind::Int64)?
                 .f_index_select(0, &at)?;
             let hs = flat.f_index_select(0, &at)?; // [n, hid], differentiable
+            // Evaluation (no graph): the values alone, without the gradient products.
+            let need_grad = hs.requires_grad();
             let (nll, grad) = {
                 let _g = tch::no_grad_guard();
                 let hd = hs.f_detach()?;
                 let nll = Tensor::f_empty([n], (kind, dev))?;
-                let grad = Tensor::f_empty([n, hid], (kind, dev))?;
+                let grad = Tensor::f_empty([if need_grad { n } else { 0 }, hid], (kind, dev))?;
                 let step = chunk_rows(head.size()[0]);
                 let mut start = 0;
                 while start < n {
@@ -177,6 +179,10 @@ impl CausalLm {
                         &lse.f_sub(&logits.f_gather(1, &tg, false)?)?
                             .f_squeeze_dim(1)?,
                     )?;
+                    if !need_grad {
+                        start += len;
+                        continue;
+                    }
                     // d nll / d logits = softmax - onehot, in place over the logits.
                     let mut p = logits;
                     let _ = p.f_sub_(&lse)?.f_exp_()?;
@@ -187,10 +193,14 @@ impl CausalLm {
                 }
                 (nll, grad)
             };
-            let dot = hs
-                .f_mul(&grad)?
-                .f_sum_dim_intlist(Some([1i64].as_slice()), false, kind)?;
-            let token = nll.f_add(&dot)?.f_sub(&dot.f_detach()?)?;
+            let token = if need_grad {
+                let dot =
+                    hs.f_mul(&grad)?
+                        .f_sum_dim_intlist(Some([1i64].as_slice()), false, kind)?;
+                nll.f_add(&dot)?.f_sub(&dot.f_detach()?)?
+            } else {
+                nll
+            };
             sums.f_index_add(0, &at, &token)?
                 .f_view([rows, t - 1])?
                 .f_sum_dim_intlist(Some([1i64].as_slice()), false, kind)

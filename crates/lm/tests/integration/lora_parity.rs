@@ -288,6 +288,13 @@ fn fused_loss_equals_the_autograd_one_in_values_and_lora_gradients() {
                 .collect();
             let batch = LossBatch::new(&seqs, model.device()).expect("batch");
             let sums = model.masked_nll_sums(&batch).expect("sums");
+            // Without a graph the fused path skips the gradient products: same values.
+            let eval = tch::no_grad(|| model.masked_nll_sums(&batch)).expect("eval sums");
+            assert!(!eval.requires_grad());
+            assert!(
+                eval.allclose(&sums.detach(), 1e-6, 1e-6, false),
+                "{name}: eval sums"
+            );
             let per = model.per_sample_loss(&batch).expect("per-sample");
             (sums.sum(Kind::Float) + per.sum(Kind::Float)).backward();
             let values = Vec::<f64>::try_from(sums.to_kind(Kind::Double)).expect("values");
