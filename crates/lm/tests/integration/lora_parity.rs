@@ -55,8 +55,8 @@ fn sft_rows(exp: &Value) -> Vec<(Vec<u32>, Vec<u8>)> {
         .collect()
 }
 
-/// The per-sample-mean SFT loss of the fixture's batch (one padded batch).
-fn sft_loss(model: &CausalLm, rows: &[(Vec<u32>, Vec<u8>)]) -> Tensor {
+/// The fixture's rows as one right-padded loss batch.
+fn loss_batch(model: &CausalLm, rows: &[(Vec<u32>, Vec<u8>)]) -> LossBatch {
     let seqs: Vec<MaskedSeq<'_>> = rows
         .iter()
         .map(|(t, m)| MaskedSeq {
@@ -64,7 +64,12 @@ fn sft_loss(model: &CausalLm, rows: &[(Vec<u32>, Vec<u8>)]) -> Tensor {
             loss_mask: m,
         })
         .collect();
-    let batch = LossBatch::new(&seqs, model.device()).expect("batch");
+    LossBatch::new(&seqs, model.device()).expect("batch")
+}
+
+/// The per-sample-mean SFT loss of the fixture's batch (one padded batch).
+fn sft_loss(model: &CausalLm, rows: &[(Vec<u32>, Vec<u8>)]) -> Tensor {
+    let batch = loss_batch(model, rows);
     let per = model.per_sample_loss(&batch).expect("loss");
     let kind = per.kind();
     per.mean(kind)
@@ -157,14 +162,7 @@ fn sft_loss_and_lora_gradients_equal_peft_in_f64() {
             loss.double_value(&[])
         );
         // Token-mean: summed masked NLL over the number of loss tokens.
-        let seqs: Vec<MaskedSeq<'_>> = rows
-            .iter()
-            .map(|(t, m)| MaskedSeq {
-                tokens: t,
-                loss_mask: m,
-            })
-            .collect();
-        let batch = LossBatch::new(&seqs, model.device()).expect("batch");
+        let batch = loss_batch(&model, &rows);
         let tok = model
             .masked_nll_sums(&batch)
             .expect("sums")
@@ -279,14 +277,7 @@ fn fused_loss_equals_the_autograd_one_in_values_and_lora_gradients() {
                     l.weight = l.weight.detach().set_requires_grad(true);
                 }
             }
-            let seqs: Vec<MaskedSeq<'_>> = rows
-                .iter()
-                .map(|(t, m)| MaskedSeq {
-                    tokens: t,
-                    loss_mask: m,
-                })
-                .collect();
-            let batch = LossBatch::new(&seqs, model.device()).expect("batch");
+            let batch = loss_batch(&model, &rows);
             let sums = model.masked_nll_sums(&batch).expect("sums");
             // Without a graph the fused path skips the gradient products: same values.
             let eval = tch::no_grad(|| model.masked_nll_sums(&batch)).expect("eval sums");
