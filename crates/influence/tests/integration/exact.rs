@@ -353,9 +353,20 @@ fn first_order_prediction_matches_real_steps() {
     .unwrap();
     let cands = chats(12, 7, None);
     let before = s.score(&cands).unwrap();
-    let r = optimsyn_influence::verify(&mut s, &val, &cands, 1e-4).unwrap();
+    let r = optimsyn_influence::verify(&mut s, &val, &cands, Some(1e-4)).unwrap();
     assert_eq!(r.checks.len(), 12);
     assert!(r.pearson >= 0.9, "Pearson {} ({:?})", r.pearson, r.checks);
+    // The automatic step lands in the first-order regime: actual ≈ predicted, not just correlated.
+    let auto = optimsyn_influence::verify(&mut s, &val, &cands, None).unwrap();
+    assert!(auto.pearson >= 0.9, "auto: Pearson {}", auto.pearson);
+    assert!(
+        (0.8..1.25).contains(&auto.linearity),
+        "auto: actual/predicted {} at lr {}",
+        auto.linearity,
+        auto.lr
+    );
+    let err = optimsyn_influence::verify(&mut s, &val, &cands, Some(-1.0)).unwrap_err();
+    assert!(err.to_string().contains("step size"), "{err}");
     // The weights were restored: scores are unchanged.
     assert_eq!(s.score(&cands).unwrap(), before);
 }

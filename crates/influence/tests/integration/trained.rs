@@ -1,7 +1,8 @@
 //! On a target that has really learned something (the demo's target, pretrained on its corpus,
-//! the miniature recipe): projections keep the exact ranking (Spearman ≥ 0.96 on 240 candidates
-//! for each of six seeds, ≥ 0.975 on average; each cosine within 4/√k), for the dense and the
-//! sparse projector, and the first-order prediction matches real steps (Pearson ≥ 0.9).
+//! with the warm-up of the miniature recipe: 100 pairs, one epoch, r 8): projections keep the exact
+//! ranking of 300 candidates (Spearman ≥ 0.98 for each of six seeds; each cosine within 4/√k), for
+//! the dense and the sparse projector, and the first-order prediction matches real steps
+//! (Pearson ≥ 0.9, actual/predicted near 1).
 
 use std::path::PathBuf;
 
@@ -17,12 +18,17 @@ fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../optimsyn/demo")
 }
 
-/// Every (document, fact kind) QA pair of the demo corpus, in file order.
+/// Every (document, fact kind) QA pair of the demo corpus's documents that the validation and
+/// held-out sets do not ask about (130 of each domain's 150), in file order.
 fn candidates() -> Vec<ChatExample> {
     let rows: Vec<Value> = read_jsonl(demo().join("facts.jsonl")).unwrap();
     let mut out = Vec::new();
     for r in rows {
         let id = r["id"].as_str().unwrap();
+        let doc: usize = id.rsplit('-').next().unwrap().parse().unwrap();
+        if doc >= 130 {
+            continue;
+        }
         for (kind, qa) in r["qa"].as_object().unwrap() {
             out.push(ChatExample {
                 id: Some(format!("{id}-{kind}")),
@@ -35,6 +41,11 @@ fn candidates() -> Vec<ChatExample> {
         }
     }
     out
+}
+
+fn sd(x: &[f64]) -> f64 {
+    let m = x.iter().sum::<f64>() / x.len() as f64;
+    (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / x.len() as f64).sqrt()
 }
 
 fn ranks(x: &[f64]) -> Vec<f64> {
@@ -51,9 +62,20 @@ fn ranks(x: &[f64]) -> Vec<f64> {
 fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_target() {
     let target = demo().join("models/target");
     let all = candidates();
-    // Warm-up on 40 pairs from documents the candidates below do not use.
-    let warm: Vec<ChatExample> = all[all.len() - 40..].to_vec();
-    let cands: Vec<ChatExample> = all[..240].to_vec();
+    // As the miniature: 100 of the pairs warm the adapter up, candidates come from the rest. Both
+    // picks stride across the two domains and five kinds (strides prime to the five kinds).
+    assert_eq!(all.len(), 1300);
+    let mut warm = Vec::new();
+    let mut rest = Vec::new();
+    for (i, e) in all.into_iter().enumerate() {
+        if i % 13 == 6 {
+            warm.push(e)
+        } else {
+            rest.push(e)
+        }
+    }
+    let cands: Vec<ChatExample> = rest.into_iter().step_by(4).collect();
+    assert_eq!((warm.len(), cands.len()), (100, 300));
     let tok = ChatTokenizer::from_model_dir(&target).unwrap();
     let data = encode_examples(&tok, &warm, ChatFormat::Tulu, None).unwrap();
     let mut model = CausalLm::load(&target, LoadOptions::default()).unwrap();
@@ -108,8 +130,8 @@ fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_ta
         - exact.iter().copied().fold(f64::INFINITY, f64::min);
     assert!(spread > 0.05, "exact scores too flat: {spread}");
     let k = 8192;
-    // Six projection seeds per projector: on this fixture one seed's Spearman ranges 0.968-0.987
-    // (dense) and 0.970-0.987 (SJLT), so a single seed says little; their mean is ~0.98.
+    // Six projection seeds per projector: the Spearman of one seed is a draw (the projection error
+    // of a score has sd ≈ 0.3-0.6/√k here, the exact scores ≈ 3/√k), so one seed would say little.
     for name in ["dense", "sjlt"] {
         let mut rhos = Vec::new();
         for seed in 0..6 {
@@ -128,14 +150,17 @@ fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_ta
                 "{kind:?}: worst |Δcos| {worst}"
             );
             let rho = pearson(&ranks(&got), &ranks(&exact));
-            eprintln!("{kind:?}: Spearman {rho:.4}, worst |Δcos| {worst:.4}");
-            assert!(rho >= 0.96, "{kind:?}: Spearman {rho}");
+            let err: Vec<f64> = got.iter().zip(&exact).map(|(a, b)| a - b).collect();
+            eprintln!(
+                "{kind:?}: Spearman {rho:.4}, worst |Δcos| {worst:.4}, error sd·√k {:.3} (exact sd·√k {:.3})",
+                sd(&err) * (k as f64).sqrt(),
+                sd(&exact) * (k as f64).sqrt()
+            );
+            assert!(rho >= 0.98, "{kind:?}: Spearman {rho}");
             rhos.push(rho);
         }
         let mean = rhos.iter().sum::<f64>() / rhos.len() as f64;
         eprintln!("{name}: mean Spearman over {} seeds {mean:.4}", rhos.len());
-        // The issue asks for 0.98; measured means: dense 0.9796, SJLT 0.9795.
-        assert!(mean >= 0.975, "{name}: mean Spearman {mean}");
     }
 
     let c = ScoreConfig {
@@ -143,7 +168,15 @@ fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_ta
         ..Default::default()
     };
     let mut s = InfluenceScorer::new(&target, &ckpts, &val, c, LoadOptions::default()).unwrap();
-    let r = verify(&mut s, &val, &cands[..24], 1e-4).unwrap();
-    eprintln!("one-step Pearson {:.4}", r.pearson);
+    let r = verify(&mut s, &val, &cands[..24], None).unwrap();
+    eprintln!(
+        "one-step Pearson {:.4} at lr {:.2e}, actual/predicted {:.3}",
+        r.pearson, r.lr, r.linearity
+    );
     assert!(r.pearson >= 0.9, "one-step Pearson {}", r.pearson);
+    assert!(
+        (0.8..1.25).contains(&r.linearity),
+        "actual/predicted {}",
+        r.linearity
+    );
 }

@@ -87,9 +87,10 @@ pub struct ScoreArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     common: Common,
-    /// Step size η of the real step.
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
+    /// Step size η of the real step (default: chosen so the median predicted change is 1e-5 of
+    /// the validation loss).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Candidates to check (the first N).
     #[arg(long, default_value_t = 16)]
     n: usize,
@@ -198,10 +199,17 @@ fn verify_cmd(a: VerifyArgs) -> anyhow::Result<()> {
     let report = verify(&mut scorer, &val, &cands[..n], a.lr)?;
     println!("{}", serde_json::to_string(&report)?);
     eprintln!(
-        "influence verify: Pearson(predicted, actual) = {:.4} over {} candidates at lr {}",
+        "influence verify: Pearson(predicted, actual) = {:.4} over {} candidates at lr {:.3e}; median actual/predicted {:.3}",
         report.pearson,
         report.checks.len(),
-        a.lr
+        report.lr,
+        report.linearity
     );
+    if !(0.5..=2.0).contains(&report.linearity) {
+        eprintln!(
+            "influence verify: actual changes are {:.2}x the predicted ones: the step is outside the first-order regime (too large, or too small for the loss's float precision); try another --lr",
+            report.linearity
+        );
+    }
     Ok(())
 }
