@@ -51,5 +51,7 @@ mod verify;
 pub use error::{Error, Result};
 pub use precond::{AdamMoments, Precond};
 pub use project::{Projector, ProjectorKind};
-pub use scorer::{InfluenceScorer, Score, ScoreConfig, SubtaskAgg, encode_examples, gradients};
+pub use scorer::{
+    InfluenceScorer, Score, ScoreConfig, SubtaskAgg, encode_examples, gradients, gradients_into,
+};
 pub use verify::{StepCheck, VerifyReport, pearson, verify};

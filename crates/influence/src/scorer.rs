@@ -121,6 +121,10 @@ pub struct InfluenceScorer {
     subtask_names: Vec<String>,
     val_subtask: Vec<usize>,
     cfg: ScoreConfig,
+    /// The per-sample gradient buffer, reused by later calls of at most as many rows: a fresh
+    /// `[n, P]` tensor is a new mapping each call (940 MB for 64 rows on the bench model), and
+    /// faulting its pages in costs a few percent of a call.
+    grad_buf: Option<Tensor>,
 }
 
 /// The flattened parameter order and shapes of an adapter.
@@ -176,6 +180,20 @@ pub fn gradients(
         (kind, model.device()),
     )
     .op("gradients")?;
+    let losses = gradients_into(model, adapter, examples, idx, max_batch_tokens, &all)?;
+    Ok((all, losses))
+}
+
+/// [`gradients`] written into `out` (`[idx.len(), P]`, contiguous rows, the adapter's dtype and
+/// device), e.g. a buffer reused across calls; returns the per-sample losses.
+pub fn gradients_into(
+    model: &CausalLm,
+    adapter: &LoraAdapter,
+    examples: &[TrainExample],
+    idx: &[usize],
+    max_batch_tokens: usize,
+    out: &Tensor,
+) -> Result<Vec<f32>> {
     let mut losses = Vec::with_capacity(idx.len());
     for b in
         optimsyn_lm::sft::token_budget_batches(idx, |i| examples[i].tokens.len(), max_batch_tokens)
@@ -188,13 +206,46 @@ pub fn gradients(
             })
             .collect();
         let batch = LossBatch::new(&seqs, model.device())?;
-        // Batches come in `idx` order, so each fills the next rows of `all`.
-        let rows = all
+        // Batches come in `idx` order, so each fills the next rows of `out`.
+        let rows = out
             .f_narrow(0, losses.len() as i64, b.len() as i64)
             .op("gradients")?;
         losses.extend(adapter.per_sample_grads_into(model, &batch, &rows)?);
     }
-    Ok((all, losses))
+    if losses.len() != idx.len() {
+        return Err(Error::Input(format!(
+            "gradients: {} rows asked, {} computed",
+            idx.len(),
+            losses.len()
+        )));
+    }
+    Ok(losses)
+}
+
+/// The first `n` rows of the reused gradient buffer, grown (never shrunk) to hold them.
+fn grad_rows(
+    buf: &mut Option<Tensor>,
+    adapter: &LoraAdapter,
+    n: usize,
+    device: tch::Device,
+) -> Result<Tensor> {
+    let kind = adapter
+        .named_parameters()
+        .first()
+        .map_or(Kind::Float, |(_, p)| p.kind());
+    let p = adapter.num_parameters();
+    let fits = buf
+        .as_ref()
+        .is_some_and(|b| b.size()[0] >= n as i64 && b.kind() == kind);
+    if !fits {
+        // Dropped first, so the old and the new buffer never coexist.
+        *buf = None;
+    }
+    let b = match buf {
+        Some(b) => b,
+        None => buf.insert(Tensor::f_empty([n as i64, p], (kind, device)).op("gradients")?),
+    };
+    b.f_narrow(0, 0, n as i64).op("gradients")
 }
 
 /// L2-normalizes rows (zero rows stay zero).
@@ -338,6 +389,7 @@ impl InfluenceScorer {
             subtask_names: names,
             val_subtask,
             cfg,
+            grad_buf: None,
         })
     }
 
@@ -369,6 +421,12 @@ impl InfluenceScorer {
     /// The attached adapter (holding the weights of the checkpoint last selected).
     pub fn adapter(&self) -> &LoraAdapter {
         &self.adapter
+    }
+
+    /// Frees the per-sample gradient buffer that scoring calls keep for the next call (`[n, P]`
+    /// for the largest call so far).
+    pub fn release_buffer(&mut self) {
+        self.grad_buf = None;
     }
 
     /// Loads checkpoint `i`'s weights into the attached adapter.
@@ -425,18 +483,26 @@ impl InfluenceScorer {
                 if multi {
                     self.adapter.load_weights(&c.dir)?;
                 }
-                let (g, losses) = gradients(
+                let mut gamma = grad_rows(
+                    &mut self.grad_buf,
+                    &self.adapter,
+                    scorable.len(),
+                    self.model.device(),
+                )?;
+                let losses = gradients_into(
                     &self.model,
                     &self.adapter,
                     examples,
                     &scorable,
                     self.cfg.max_batch_tokens,
+                    &gamma,
                 )?;
                 if first_losses.is_empty() {
                     first_losses = losses;
                 }
-                let mut gamma = g.f_to_kind(Kind::Float).op("gradients")?;
-                drop(g);
+                if gamma.kind() != Kind::Float {
+                    gamma = gamma.f_to_kind(Kind::Float).op("gradients")?;
+                }
                 c.moments.precondition_(&mut gamma, self.cfg.precond)?;
                 let x = normalize(&self.projector.project(&gamma)?)?;
                 let cos = x.f_matmul(&c.val.f_tr().op("scores")?).op("scores")?;
