@@ -54,4 +54,4 @@ pub use project::{Projector, ProjectorKind};
 pub use scorer::{
     InfluenceScorer, Score, ScoreConfig, SubtaskAgg, encode_examples, gradients, gradients_into,
 };
-pub use verify::{StepCheck, VerifyReport, pearson, verify};
+pub use verify::{AUTO_RELATIVE_CHANGE, StepCheck, VerifyReport, pearson, verify};
