@@ -194,6 +194,14 @@ pub fn gradients_into(
     max_batch_tokens: usize,
     out: &Tensor,
 ) -> Result<Vec<f32>> {
+    if out.size().first() != Some(&(idx.len() as i64)) {
+        return Err(Error::Input(format!(
+            "gradients: {} examples need an output of {} rows, got {:?}",
+            idx.len(),
+            idx.len(),
+            out.size()
+        )));
+    }
     let mut losses = Vec::with_capacity(idx.len());
     for b in
         optimsyn_lm::sft::token_budget_batches(idx, |i| examples[i].tokens.len(), max_batch_tokens)
@@ -211,13 +219,6 @@ pub fn gradients_into(
             .f_narrow(0, losses.len() as i64, b.len() as i64)
             .op("gradients")?;
         losses.extend(adapter.per_sample_grads_into(model, &batch, &rows)?);
-    }
-    if losses.len() != idx.len() {
-        return Err(Error::Input(format!(
-            "gradients: {} rows asked, {} computed",
-            idx.len(),
-            losses.len()
-        )));
     }
     Ok(losses)
 }

@@ -131,7 +131,7 @@ fn projections_keep_the_ranking_and_one_step_predictions_hold_on_a_pretrained_ta
     assert!(spread > 0.05, "exact scores too flat: {spread}");
     let k = 8192;
     // Six projection seeds per projector: the Spearman of one seed is a draw (the projection error
-    // of a score has sd ≈ 0.3-0.6/√k here, the exact scores ≈ 3/√k), so one seed would say little.
+    // of a score has sd ≈ 0.5-0.8/√k here, the exact scores ≈ 9/√k), so one seed would say little.
     for name in ["dense", "sjlt"] {
         let mut rhos = Vec::new();
         for seed in 0..6 {
