@@ -369,4 +369,12 @@ fn first_order_prediction_matches_real_steps() {
     assert!(err.to_string().contains("step size"), "{err}");
     // The weights were restored: scores are unchanged.
     assert_eq!(s.score(&cands).unwrap(), before);
+    // A smaller call reuses the first rows of the gradient buffer the larger one left behind.
+    let few = s.score(&cands[3..8]).unwrap();
+    for (a, b) in few.iter().zip(&before[3..8]) {
+        let (x, y) = (a.influence.unwrap(), b.influence.unwrap());
+        assert!((x - y).abs() <= 1e-5, "{}: {x} vs {y}", a.id);
+    }
+    s.release_buffer();
+    assert_eq!(s.score(&cands).unwrap(), before);
 }
