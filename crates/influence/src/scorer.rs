@@ -163,6 +163,14 @@ fn loss_tokens(e: &TrainExample) -> usize {
     e.loss_mask.iter().skip(1).filter(|m| **m != 0).count()
 }
 
+/// The dtype of the adapter's parameters, which its gradients share.
+fn grad_kind(adapter: &LoraAdapter) -> Kind {
+    adapter
+        .named_parameters()
+        .first()
+        .map_or(Kind::Float, |(_, p)| p.kind())
+}
+
 /// Per-sample LoRA gradients `[n, P]` of `examples[idx]` (rows in `idx` order), batched.
 pub fn gradients(
     model: &CausalLm,
@@ -171,13 +179,9 @@ pub fn gradients(
     idx: &[usize],
     max_batch_tokens: usize,
 ) -> Result<(Tensor, Vec<f32>)> {
-    let kind = adapter
-        .named_parameters()
-        .first()
-        .map_or(tch::Kind::Float, |(_, p)| p.kind());
     let all = Tensor::f_empty(
         [idx.len() as i64, adapter.num_parameters()],
-        (kind, model.device()),
+        (grad_kind(adapter), model.device()),
     )
     .op("gradients")?;
     let losses = gradients_into(model, adapter, examples, idx, max_batch_tokens, &all)?;
@@ -230,10 +234,7 @@ fn grad_rows(
     n: usize,
     device: tch::Device,
 ) -> Result<Tensor> {
-    let kind = adapter
-        .named_parameters()
-        .first()
-        .map_or(Kind::Float, |(_, p)| p.kind());
+    let kind = grad_kind(adapter);
     let p = adapter.num_parameters();
     let fits = buf
         .as_ref()
