@@ -1,5 +1,5 @@
 //! Seconds per GRPO step on the bench model, the Rust side of
-//! `../shared/bench/anchors/trl_grpo_step.py`: full fine-tuning, 4 prompts × G 4 = 16 completions
+//! `python/bench/trl_grpo_step.py`: full fine-tuning, 4 prompts × G 4 = 16 completions
 //! of up to 64 new tokens (temperature 1, the model's EOS stops a row), β 0.001 with a frozen
 //! reference copy, one optimizer step per rollout batch (one micro-batch of 16), CPU fp32, the
 //! same prompts (chat-templated one-line instructions). Prints one JSON object with the time split

@@ -1,4 +1,4 @@
-//! Influence scoring throughput on the bench model (DESIGN.md, "Benchmarks"): candidates/s of
+//! Influence scoring throughput on the bench model (`benches/bench-model/`): candidates/s of
 //! (`InfluenceScorer::score_encoded`) with a LoRA r 128 / alpha 512 adapter on q/k/v/o (3,670,016
 //! parameters), 128-token candidates (random ids, every token a loss token, as
 //! `python_baselines.py`'s `labels = input_ids`), k = 8192, fp32 on the CPU with 2 threads

@@ -1,4 +1,4 @@
-//! Benchmarks of optimsyn-lm on the bench model that DESIGN.md ("Benchmarks") pins: Qwen3 shape,
+//! Benchmarks of optimsyn-lm on the bench model that `benches/bench-model/` pins: Qwen3 shape,
 //! vocab 8192, hidden 512, 8 layers, ~29M parameters, seeded random weights, fp32 on the CPU with
 //! 2 threads (`THREADS` overrides).
 //!
@@ -11,16 +11,16 @@
 //!   every weight matrix of the bench model in turn, as one batch-1 decode step reads them);
 //!   throughput is bytes read.
 //!
-//! The bench model folder is written once by `../shared/bench/anchors/make_bench_model.py` (run
+//! The bench model folder is written once by `python/bench/make_bench_model.py` (run
 //! with `OPTIMSYN_PYTHON`, else `python3`; it needs torch and transformers, which `cargo xtask
 //! bootstrap` installs) into `$OPTIMSYN_CACHE/bench/` (else `$XDG_CACHE_HOME/optimsyn/bench/`, else
-//! `~/.cache/optimsyn/bench/`), and reused. `OPTIMSYN_BENCH_MODEL=DIR` uses a given folder instead,
-//! `OPTIMSYN_SHARED=DIR` a `shared/` folder elsewhere than beside the workspace.
+//! `~/.cache/optimsyn/bench/`), and reused. `OPTIMSYN_BENCH_MODEL=DIR` uses a given folder instead.
 //!
 //! Modes:
 //! - `cargo bench -p optimsyn-examples --bench lm`: criterion, full shapes.
 //! - `cargo test --all-targets` (criterion's test mode): each benchmark runs once on small shapes
-//!   (forward 2×32, 8 new tokens, small matrices), checking that everything works.
+//!   (forward 2×32, 8 new tokens, small matrices) on the tiny committed test model, checking that
+//!   everything works without Python or the bench model.
 //! - `OPTIMSYN_BENCH_JSON=1` (run the built binary directly, or through `cargo bench`): no
 //!   criterion; prints one JSON object with best-of-N figures and peak memory, for
 //!   `python/bench/lm_compare.py`. `WHICH=forward,generate,matmul,matvec` selects parts (default:
@@ -53,6 +53,8 @@ struct Shapes {
     square: i64,
     /// `[rows, cols]` of the plain matrix-vector probe.
     matvec: (i64, i64),
+    /// The bench model (written by Python on first use), or the tiny committed test model.
+    bench_model: bool,
 }
 
 const FULL: Shapes = Shapes {
@@ -63,6 +65,7 @@ const FULL: Shapes = Shapes {
     matmul: (2048, 512, 1536),
     square: 2048,
     matvec: (8192, 4096),
+    bench_model: true,
 };
 
 const SMOKE: Shapes = Shapes {
@@ -73,6 +76,7 @@ const SMOKE: Shapes = Shapes {
     matmul: (64, 64, 64),
     square: 96,
     matvec: (256, 256),
+    bench_model: false,
 };
 
 fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
@@ -88,8 +92,12 @@ struct Bench {
     vocab: i64,
 }
 
-fn load() -> Result<Bench, String> {
-    let dir = optimsyn_examples::bench_model_dir()?;
+fn load(s: Shapes) -> Result<Bench, String> {
+    let dir = if s.bench_model {
+        optimsyn_examples::bench_model_dir()?
+    } else {
+        optimsyn_examples::tiny_model_dir()
+    };
     let model = CausalLm::load(&dir, LoadOptions::default())
         .map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let params = model
@@ -108,8 +116,8 @@ fn load() -> Result<Bench, String> {
 
 /// The model, loaded on first use (so that `--list` or a filter that skips every model benchmark
 /// neither writes nor loads it).
-fn bench_model(cell: &OnceCell<Bench>) -> &Bench {
-    cell.get_or_init(|| load().unwrap_or_else(|e| panic!("{e}")))
+fn bench_model(cell: &OnceCell<Bench>, s: Shapes) -> &Bench {
+    cell.get_or_init(|| load(s).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// `rows` rows of `len` seeded random ids in `[3, vocab)`.
@@ -204,7 +212,7 @@ fn criterion_benches(c: &mut Criterion, s: Shapes) {
         g.bench_function(
             format!("forward_logprobs/{}x{}", s.fwd_rows, s.fwd_len),
             |bch| {
-                let b = bench_model(model);
+                let b = bench_model(model, s);
                 let rows =
                     rows.get_or_insert_with(|| random_rows(s.fwd_rows, s.fwd_len, b.vocab, 0));
                 bch.iter(|| forward(b, rows))
@@ -215,7 +223,7 @@ fn criterion_benches(c: &mut Criterion, s: Shapes) {
             g.measurement_time(Duration::from_secs(if batch == 1 { 15 } else { 25 }));
             let mut prompts = None;
             g.bench_function(format!("generate_greedy/b{batch}"), |bch| {
-                let b = bench_model(model);
+                let b = bench_model(model, s);
                 let prompts = prompts
                     .get_or_insert_with(|| random_rows(batch, s.prompt_len, b.vocab, batch as i64));
                 bch.iter(|| generate(b, prompts, s.new_tokens))
@@ -253,7 +261,7 @@ fn criterion_benches(c: &mut Criterion, s: Shapes) {
     g.throughput(Throughput::Bytes(BENCH_MODEL_WEIGHT_BYTES));
     let mut inputs = None;
     g.bench_function("matvec_f32/bench_model_weights", |bch| {
-        let b = bench_model(model);
+        let b = bench_model(model, s);
         let inputs = inputs.get_or_insert_with(|| model_matvec_inputs(b));
         bch.iter(|| model_matvecs(inputs))
     });
@@ -404,7 +412,7 @@ fn json_mode() -> Result<(), String> {
     let _guard = tch::no_grad_guard();
     let needs_model =
         has("load") || has("forward") || has("generate") || has("matvec") || has("linears");
-    let b = if needs_model { Some(load()?) } else { None };
+    let b = if needs_model { Some(load(FULL)?) } else { None };
     if let Some(b) = &b {
         out.insert("model_dir", J::from(b.dir.display().to_string()));
         out.insert("params", J::from(b.params));

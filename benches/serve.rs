@@ -1,11 +1,11 @@
 //! Completions per second through `optimsyn serve` + the HTTP backend versus the local backend:
-//! 8 concurrent chat requests of 64 new tokens (greedy), on the bench model of DESIGN.md
+//! 8 concurrent chat requests of 64 new tokens (greedy), on the bench model of `benches/bench-model/`
 //! (Qwen3 shape, ~29M parameters, fp32, CPU).
 //!
 //! `cargo bench -p optimsyn-examples --bench serve` measures; `cargo test` runs it once on the tiny
 //! fixture model as a smoke test. The bench model is `OPTIMSYN_BENCH_MODEL`, else the one the
 //! benchmarks share (`optimsyn_examples::bench_model_dir`: written once into the cache by
-//! `shared/bench/anchors/make_bench_model.py`). `THREADS` (default 2) sets libtorch's threads on
+//! `python/bench/make_bench_model.py`). `THREADS` (default 2) sets libtorch's threads on
 //! both sides (the measuring thread and the server's model thread).
 //! `REPS` (default 5) sets the measured repetitions after one warm-up. Traffic stays on 127.0.0.1.
 

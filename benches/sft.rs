@@ -1,4 +1,4 @@
-//! SFT training throughput on the bench model (DESIGN.md, "Benchmarks"): tokens/s of
+//! SFT training throughput on the bench model (`benches/bench-model/`): tokens/s of
 //! `optimsyn_lm::sft::train` with a LoRA r 128 / alpha 512 adapter on q/k/v/o (dropout 0; PEFT's
 //! init, seed 0), AdamW (lr 1e-4, the default linear schedule with 3 % warm-up, gradient clipping
 //! at 1.0), 8 rows of 256 random tokens per optimizer step (every token a loss token, one

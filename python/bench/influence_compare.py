@@ -1,9 +1,9 @@
 """Side-by-side benchmark of optimsyn-influence against a LESS-style Python loop, in one run.
 
-Both sides load the same bench model folder (DESIGN.md, "Benchmarks") in fp32 on the CPU with the
+Both sides load the same bench model folder (`benches/bench-model/`) in fp32 on the CPU with the
 same thread count, put a LoRA r 128 / alpha 512 adapter on q/k/v/o (3.67M parameters) and score
 128-token candidates against Adam moments with a k = 8192 projection. The Python side is
-`../shared/bench/anchors/python_baselines.py` with WHICH=less: PEFT, one backward per candidate,
+`python/bench/baselines.py` with WHICH=less: PEFT, one backward per candidate,
 Γ, then a dense Rademacher projection of its 8 candidates generated blockwise (`less_cand_s`), and
 the same loop without the projection (`less_noproj_cand_s`). Ours is the `influence` bench binary
 (benches/influence.rs) in its JSON mode: `InfluenceScorer::score_encoded` on one call of

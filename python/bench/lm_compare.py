@@ -1,10 +1,10 @@
 """Side-by-side benchmark of optimsyn-lm against transformers, in one run, on the bench model.
 
-Both sides load the same bench model folder (DESIGN.md, "Benchmarks": `make_bench_model.py`'s
+Both sides load the same bench model folder (`benches/bench-model/`: `make_bench_model.py`'s
 seeded random Qwen3 weights), in fp32 on the CPU with the same thread count, and run the same
 workloads: per-token log-probs of 8 x 256 tokens (no grad), and greedy generation of 128 new tokens
 from 32-token random prompts at batch 1 and 8. The transformers side is
-`../shared/bench/anchors/python_baselines.py` (WHICH=forward / generate); ours is the criterion bench
+`python/bench/baselines.py` (WHICH=forward / generate); ours is the criterion bench
 binary of crates/lm in its JSON mode (`OPTIMSYN_BENCH_JSON=1`, the same best-of counts). Each part
 runs in its own process, so its peak memory (max RSS, from wait4) is its own. The parts are
 interleaved over several rounds, alternating which side goes first, and the best of each side is
@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("OPTIMSYN_SHARED", ROOT.parent / "shared"))
-BASELINES = SHARED / "bench" / "anchors" / "python_baselines.py"
+BASELINES = ROOT / "python" / "bench" / "baselines.py"
 
 # The issue's floors: ours / transformers (batch 1 also has the bandwidth alternative).
 FLOORS = {"forward_tok_s": 1.0, "generate_b8_tok_s": 2.0, "generate_b1_tok_s": 1.5}

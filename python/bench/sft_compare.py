@@ -1,6 +1,6 @@
 """Side-by-side benchmark of optimsyn-lm's LoRA SFT against transformers + PEFT, in one run.
 
-Both sides load the same bench model folder (DESIGN.md, "Benchmarks") in fp32 on the CPU with the
+Both sides load the same bench model folder (`benches/bench-model/`) in fp32 on the CPU with the
 same thread count, attach a LoRA r 128 / alpha 512 adapter on q/k/v/o (dropout 0, PEFT's init: B =
 0) and train with AdamW (lr 1e-4, betas 0.9 / 0.999, eps 1e-8, no weight decay, gradient norm
 clipped to 1.0) on batches of 8 rows of 256 random token ids, every token a loss token (labels =

@@ -39,10 +39,9 @@ pub fn tiny_model_dir() -> PathBuf {
     workspace_dir().join("crates/lm/tests/fixtures/cli")
 }
 
-fn shared_dir() -> PathBuf {
-    env::var_os("OPTIMSYN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_dir().join("..").join("shared"))
+/// The bench model's definition (config, tokenizer, chat template; no weights): `benches/bench-model`.
+pub fn bench_model_spec_dir() -> PathBuf {
+    workspace_dir().join("benches").join("bench-model")
 }
 
 fn cache_dir() -> Result<PathBuf, String> {
@@ -64,8 +63,9 @@ fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
 }
 
 /// The bench model folder: `OPTIMSYN_BENCH_MODEL`, else a cached one, written on first use by
-/// `make_bench_model.py` (the folder name carries a hash of the script and the shape's config, so a
-/// change to either writes a fresh one).
+/// `python/bench/make_bench_model.py` from [`bench_model_spec_dir`] (the folder name carries a hash
+/// of the script and the shape's config, so a change to either writes a fresh one). Only the
+/// benchmarks' measuring modes call this; their test modes run on the tiny committed models.
 pub fn bench_model_dir() -> Result<PathBuf, String> {
     if let Some(dir) = env::var_os("OPTIMSYN_BENCH_MODEL") {
         let dir = PathBuf::from(dir);
@@ -77,18 +77,16 @@ pub fn bench_model_dir() -> Result<PathBuf, String> {
         }
         return Ok(dir);
     }
-    let shared = shared_dir();
-    let script = shared
+    let script = workspace_dir()
+        .join("python")
         .join("bench")
-        .join("anchors")
         .join("make_bench_model.py");
-    let config = shared.join("bench").join("qwen3-30m").join("config.json");
+    let config = bench_model_spec_dir().join("config.json");
     let read = |p: &Path| {
         std::fs::read(p).map_err(|e| {
             format!(
-                "bench model: cannot read {} ({e}). The benchmarks need the project's shared/ folder beside the \
-                 workspace (CI copies it to <repo>/../shared); set OPTIMSYN_SHARED to it, or OPTIMSYN_BENCH_MODEL to \
-                 a folder that make_bench_model.py wrote",
+                "bench model: cannot read {} ({e}); it is part of the repository (or set OPTIMSYN_BENCH_MODEL \
+                 to a folder that make_bench_model.py wrote)",
                 p.display()
             )
         })
@@ -157,7 +155,7 @@ pub mod bench {
 
     use tch::{Device, Kind, Tensor};
 
-    /// libtorch threads for a benchmark: `THREADS`, default 2 (DESIGN.md, Benchmarks).
+    /// libtorch threads for a benchmark: `THREADS`, default 2, as every side-by-side comparison uses.
     pub fn threads() -> i32 {
         env::var("THREADS")
             .ok()

@@ -7,7 +7,7 @@ use optimsyn_influence::{Precond, SubtaskAgg};
 use optimsyn_rl_grpo::GrpoConfig;
 use serde::{Deserialize, Serialize};
 
-/// How influence scores become rewards (`../shared/docs/reference/optimsyn-method.md` §3.6, §8).
+/// How influence scores become rewards (the OptimSyn paper, arXiv 2604.00536, §3.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum RewardMode {
