@@ -184,6 +184,9 @@ pub struct SyntheticSample {
     /// Influence score on the target's validation loss, once computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub influence: Option<f64>,
+    /// The influence per validation subtask that `influence` aggregates, once computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtask_influence: Option<std::collections::BTreeMap<String, f64>>,
     /// RL reward, once computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<f64>,
@@ -240,6 +243,7 @@ mod tests {
                 ..Default::default()
             },
             influence: Some(0.25),
+            subtask_influence: Some([("s".to_string(), 0.25)].into()),
             reward: None,
         };
         let line = serde_json::to_string(&s).unwrap();

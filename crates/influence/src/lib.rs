@@ -17,7 +17,10 @@
 //!
 //! Positive influence means the candidate's update direction agrees with lowering the validation
 //! loss. Validation features are stored beside each adapter with a header naming what produced
-//! them and reused. [`verify`] checks the first-order prediction against real steps.
+//! them and reused. [`verify`] checks the first-order prediction against real steps, and
+//! [`InfluenceScorer::score_report`] adds a check of whether the scores tell candidates apart at
+//! all ([`Discrimination`]: after too short a warm-up, every candidate's gradient is mostly one
+//! shared direction).
 //!
 //! ```no_run
 //! use optimsyn_data_io::{ChatExample, read_jsonl};
@@ -41,6 +44,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod diagnostics;
 mod error;
 mod features;
 mod precond;
@@ -48,10 +52,12 @@ mod project;
 mod scorer;
 mod verify;
 
+pub use diagnostics::{Discrimination, FeatureStats, SHARED_SPREAD_RATIO};
 pub use error::{Error, Result};
 pub use precond::{AdamMoments, Precond};
 pub use project::{Projector, ProjectorKind};
 pub use scorer::{
-    InfluenceScorer, Score, ScoreConfig, SubtaskAgg, encode_examples, gradients, gradients_into,
+    InfluenceScorer, Score, ScoreConfig, ScoreReport, SubtaskAgg, encode_examples, gradients,
+    gradients_into,
 };
 pub use verify::{AUTO_RELATIVE_CHANGE, StepCheck, VerifyReport, pearson, verify};

@@ -10,6 +10,7 @@ use optimsyn_lm::{CausalLm, LoadOptions, LoraAdapter, LossBatch, MaskedSeq, Trai
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::diagnostics::{Discrimination, FeatureStats};
 use crate::error::{Error, Result, TorchContext};
 use crate::precond::{AdamMoments, Precond};
 use crate::project::{Projector, ProjectorKind};
@@ -452,13 +453,23 @@ impl InfluenceScorer {
 
     /// Scores chat examples (rendered in the adapters' format).
     pub fn score(&mut self, examples: &[ChatExample]) -> Result<Vec<Score>> {
-        let enc = encode_examples(&self.tokenizer, examples, self.format, self.cfg.max_len)?;
-        self.score_encoded(&enc)
+        Ok(self.score_report(examples)?.scores)
     }
 
     /// Scores already encoded examples. Candidates without loss tokens get `influence: None` and
     /// a reason, never NaN.
     pub fn score_encoded(&mut self, examples: &[TrainExample]) -> Result<Vec<Score>> {
+        Ok(self.score_report_encoded(examples)?.scores)
+    }
+
+    /// Scores chat examples and says how well the scores tell them apart ([`Discrimination`]).
+    pub fn score_report(&mut self, examples: &[ChatExample]) -> Result<ScoreReport> {
+        let enc = encode_examples(&self.tokenizer, examples, self.format, self.cfg.max_len)?;
+        self.score_report_encoded(&enc)
+    }
+
+    /// [`InfluenceScorer::score_report`] of already encoded examples.
+    pub fn score_report_encoded(&mut self, examples: &[TrainExample]) -> Result<ScoreReport> {
         let n = examples.len();
         let scorable: Vec<usize> = (0..n)
             .filter(|&i| loss_tokens(&examples[i]) > 0 && examples[i].tokens.len() >= 2)
@@ -478,6 +489,7 @@ impl InfluenceScorer {
         )
         .op("scores")?;
         let mut first_losses = Vec::new();
+        let mut features = FeatureAccumulator::default();
         if !scorable.is_empty() {
             let multi = self.checkpoints.len() > 1;
             for c in &self.checkpoints {
@@ -507,6 +519,7 @@ impl InfluenceScorer {
                 }
                 c.moments.precondition_(&mut gamma, self.cfg.precond)?;
                 let x = normalize(&self.projector.project(&gamma)?)?;
+                features.add(&x, c.weight)?;
                 let cos = x.f_matmul(&c.val.f_tr().op("scores")?).op("scores")?;
                 total = total
                     .f_add(&cos.f_mul_scalar(c.weight).op("scores")?)
@@ -561,6 +574,57 @@ impl InfluenceScorer {
             o.loss = first_losses.get(row).map(|l| f64::from(*l));
             o.reason = None;
         }
-        Ok(out)
+        let discrimination = Discrimination::new(&out, features.finish());
+        Ok(ScoreReport {
+            scores: out,
+            discrimination,
+        })
+    }
+}
+
+/// Scores with the check of whether they discriminate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreReport {
+    /// One per candidate, in order.
+    pub scores: Vec<Score>,
+    /// `None` with fewer than two scored candidates.
+    pub discrimination: Option<Discrimination>,
+}
+
+/// [`FeatureStats`] summed over checkpoints with their weights.
+#[derive(Default)]
+struct FeatureAccumulator {
+    weight: f64,
+    top_share: f64,
+    pairwise: f64,
+}
+
+impl FeatureAccumulator {
+    /// Adds one checkpoint's `[n, k]` unit-norm candidate features.
+    fn add(&mut self, x: &Tensor, weight: f64) -> Result<()> {
+        let n = x.size()[0];
+        if n < 2 {
+            return Ok(());
+        }
+        let f = || -> std::result::Result<(f64, f64), tch::TchError> {
+            // The n × n cosine matrix: its trace is n, so λ_max / n is the top direction's share.
+            let g = x.f_matmul(&x.f_tr()?)?.f_to_kind(Kind::Double)?;
+            let top = g.f_linalg_eigvalsh("L")?.f_max()?.f_double_value(&[])?;
+            let off =
+                g.f_sum(Kind::Double)?.f_double_value(&[])? - g.f_trace()?.f_double_value(&[])?;
+            Ok((top / n as f64, off / (n * (n - 1)) as f64))
+        };
+        let (top, pairwise) = f().op("feature statistics")?;
+        self.weight += weight;
+        self.top_share += weight * top;
+        self.pairwise += weight * pairwise;
+        Ok(())
+    }
+
+    fn finish(&self) -> Option<FeatureStats> {
+        (self.weight > 0.0).then(|| FeatureStats {
+            top_share: self.top_share / self.weight,
+            mean_pairwise_cosine: self.pairwise / self.weight,
+        })
     }
 }

@@ -498,6 +498,7 @@ impl<'g> Synthesizer<'g> {
                     rejection: rejection.map(|r| r.to_string()),
                 },
                 influence: None,
+                subtask_influence: None,
                 reward: None,
             },
             generation: GenerationInfo {

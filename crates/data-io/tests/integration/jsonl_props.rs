@@ -66,6 +66,8 @@ fn sample() -> impl Strategy<Value = SyntheticSample> {
                     rejection,
                 },
                 influence,
+                subtask_influence: influence
+                    .map(|x| [("a".to_string(), x), ("b".to_string(), -x)].into()),
                 reward: influence.map(|x| x * 0.5),
             },
         )

@@ -2,6 +2,7 @@
 
 pub mod data;
 pub mod demo;
+mod demo_world;
 pub mod influence;
 pub mod lm;
 pub mod run;

@@ -210,6 +210,9 @@ pub struct RewardConfig {
     pub mode: RewardMode,
     /// Penalty λ of invalid rollouts. Default 0.1.
     pub lambda: f64,
+    /// Whether per-subtask influence is compared as scored, or standardized per subtask over the
+    /// step's valid rollouts before the subtasks are aggregated. Default raw.
+    pub subtask_scale: SubtaskScale,
 }
 
 impl Default for RewardConfig {
@@ -217,8 +220,23 @@ impl Default for RewardConfig {
         RewardConfig {
             mode: RewardMode::Normalized,
             lambda: 0.1,
+            subtask_scale: SubtaskScale::Raw,
         }
     }
+}
+
+/// How per-subtask influence enters the aggregation that the reward is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubtaskScale {
+    /// As scored (the paper): under max aggregation, the subtask whose validation gradients are
+    /// most alike has the largest cosines and wins for almost every rollout.
+    #[default]
+    Raw,
+    /// Each subtask's scores standardized (z-scores) over the step's valid rollouts, then
+    /// aggregated: a rollout is paid for standing out on *some* subtask, whichever it is, so no
+    /// subtask's larger scale pulls every rollout toward it.
+    Standardized,
 }
 
 /// Stage 3.

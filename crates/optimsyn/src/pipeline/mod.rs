@@ -36,7 +36,7 @@ use optimsyn_synth::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use config::{RewardMode, RunConfig};
+pub use config::{RewardMode, RunConfig, SubtaskScale};
 
 /// One seed document with its policy prompt.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,6 +232,7 @@ fn invalid_record(
                 rejection: Some(reason.to_string()),
             },
             influence: None,
+            subtask_influence: None,
             reward: None,
         },
         generation: optimsyn_synth::GenerationInfo {
@@ -442,6 +443,19 @@ pub fn stage1(
     let w = &cfg.warmup;
     let lora = w.lora();
     let adapter = LoraAdapter::init(&mut target, lora, cfg.seed)?;
+    let val: Vec<ChatExample> = read_jsonl(&cfg.data.val)?;
+    let val_enc = optimsyn_influence::encode_examples(
+        &tok,
+        &val,
+        optimsyn_data_io::ChatFormat::Tulu,
+        cfg.influence.max_len,
+    )?;
+    let diag_path = warm_dir.join(WARMUP_DIAGNOSTICS);
+    let loss_before = if diag_path.exists() {
+        None
+    } else {
+        Some(sft::evaluate(&target, &val_enc, 4096)?.overall.loss)
+    };
     let scfg = SftConfig {
         lr: w.lr,
         epochs: w.epochs,
@@ -470,14 +484,91 @@ pub fn stage1(
         steps = report.steps,
         "stage 1: warm-up done"
     );
-    let val: Vec<ChatExample> = read_jsonl(&cfg.data.val)?;
-    Ok(InfluenceScorer::new(
+    let mut scorer = InfluenceScorer::new(
         &cfg.models.target,
         &ckpts,
         &val,
         score_config(cfg)?,
         opts(cfg)?,
-    )?)
+    )?;
+    let diag = match loss_before {
+        Some(before) => {
+            let last = ckpts
+                .last()
+                .ok_or_else(|| anyhow::anyhow!("{}: no warm-up checkpoint", warm_dir.display()))?;
+            adapter.load_weights(last)?;
+            let after = sft::evaluate(&target, &val_enc, 4096)?.overall.loss;
+            // Prefer pool samples the warm-up did not train on: they stand for fresh rollouts.
+            let probe: Vec<ChatExample> = valid[n_warm..]
+                .iter()
+                .chain(&valid[..n_warm])
+                .take(DIAGNOSTIC_CANDIDATES)
+                .cloned()
+                .collect();
+            let d = WarmupDiagnostics {
+                examples: warm.len(),
+                steps: report.steps,
+                val_loss_before: before,
+                val_loss_after: after,
+                probe_candidates: probe.len(),
+                probe_unseen: valid.len() - n_warm,
+                discrimination: scorer.score_report(&probe)?.discrimination,
+            };
+            write_atomic(&diag_path, serde_json::to_string_pretty(&d)?.as_bytes())?;
+            d
+        }
+        None => serde_json::from_slice(
+            &std::fs::read(&diag_path)
+                .with_context(|| format!("cannot read {}", diag_path.display()))?,
+        )
+        .with_context(|| format!("{}: not warm-up diagnostics", diag_path.display()))?,
+    };
+    log_warmup(&diag);
+    Ok(scorer)
+}
+
+/// The file in `OUT/warmup/` with [`WarmupDiagnostics`].
+pub const WARMUP_DIAGNOSTICS: &str = "diagnostics.json";
+
+/// At most this many pool samples are scored to check the warm-up (a few seconds of scoring).
+const DIAGNOSTIC_CANDIDATES: usize = 64;
+
+/// What the warm-up did to the target and whether influence discriminates after it
+/// (`OUT/warmup/diagnostics.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WarmupDiagnostics {
+    /// Warm-up examples.
+    pub examples: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// The target's validation loss before the warm-up (LoRA B = 0: the base model).
+    pub val_loss_before: f64,
+    /// And after it, at the last warm-up checkpoint.
+    pub val_loss_after: f64,
+    /// Pool samples scored for the check.
+    pub probe_candidates: usize,
+    /// How many pool samples the warm-up did not train on (these are probed first).
+    pub probe_unseen: usize,
+    /// The check on those samples.
+    pub discrimination: Option<optimsyn_influence::Discrimination>,
+}
+
+fn log_warmup(d: &WarmupDiagnostics) {
+    tracing::info!(
+        before = d.val_loss_before,
+        after = d.val_loss_after,
+        "stage 1: validation loss of the target before → after the warm-up"
+    );
+    match &d.discrimination {
+        Some(x) if x.shared_dominates() => tracing::warn!(
+            "stage 1: influence after the warm-up mostly measures what every candidate shares ({}); \
+             rewards will rank candidates by noise. Train the warm-up longer (warmup.epochs) until \
+             the validation loss has come down; docs/GUIDE.md, \"Reading the diagnostics\"",
+            x.summary()
+        ),
+        Some(x) => tracing::info!("stage 1: influence after the warm-up: {}", x.summary()),
+        None => {}
+    }
 }
 
 fn policy_info(cfg: &RunConfig, tag: &str, temperature: f64) -> PolicyInfo {
@@ -509,6 +600,83 @@ pub struct RewardRow {
     pub if_valid_max: Option<f64>,
     /// Mean reward.
     pub reward_mean: f64,
+    /// Whether this step's influence told the valid rollouts apart (absent with fewer than two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discrimination: Option<optimsyn_influence::Discrimination>,
+}
+
+fn reward_row(
+    step: u64,
+    ifs: &[Option<f64>],
+    rw: &[f64],
+    discrimination: Option<optimsyn_influence::Discrimination>,
+) -> RewardRow {
+    let vals: Vec<f64> = ifs.iter().flatten().copied().collect();
+    RewardRow {
+        step,
+        rollouts: ifs.len(),
+        valid_rate: vals.len() as f64 / ifs.len().max(1) as f64,
+        if_valid_mean: (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64),
+        if_valid_max: vals.iter().copied().reduce(f64::max),
+        reward_mean: rw.iter().sum::<f64>() / rw.len().max(1) as f64,
+        discrimination,
+    }
+}
+
+/// Replaces `file` with `records`, one JSON line each, atomically.
+fn write_records(file: &Path, records: &[SynthRecord]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    write_atomic(file, text.as_bytes())?;
+    Ok(())
+}
+
+/// The influence the reward is computed from: as scored, or (standardized) each subtask's scores
+/// turned into z-scores over the scored rollouts before the subtasks are aggregated again.
+pub fn reward_influence(
+    scale: SubtaskScale,
+    agg: optimsyn_influence::SubtaskAgg,
+    scored: &[Option<&optimsyn_influence::Score>],
+) -> Vec<Option<f64>> {
+    let raw = || scored.iter().map(|s| s.and_then(|s| s.influence)).collect();
+    if scale == SubtaskScale::Raw {
+        return raw();
+    }
+    let rows: Vec<&BTreeMap<String, f64>> = scored
+        .iter()
+        .flatten()
+        .filter(|s| s.influence.is_some())
+        .map(|s| &s.subtasks)
+        .collect();
+    if rows.len() < 2 {
+        return raw();
+    }
+    let mut stats: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for name in rows[0].keys() {
+        let xs: Vec<f64> = rows.iter().filter_map(|r| r.get(name).copied()).collect();
+        let m = xs.iter().sum::<f64>() / xs.len() as f64;
+        let sd = (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64).sqrt();
+        stats.insert(name, (m, sd));
+    }
+    scored
+        .iter()
+        .map(|s| {
+            let s = s.filter(|s| s.influence.is_some())?;
+            let z = s.subtasks.iter().map(|(k, x)| match stats.get(k.as_str()) {
+                Some(&(m, sd)) if sd > 0.0 => (x - m) / sd,
+                _ => 0.0,
+            });
+            Some(match agg {
+                optimsyn_influence::SubtaskAgg::Max => z.fold(f64::NEG_INFINITY, f64::max),
+                optimsyn_influence::SubtaskAgg::Mean => {
+                    z.sum::<f64>() / s.subtasks.len().max(1) as f64
+                }
+            })
+        })
+        .collect()
 }
 
 /// Rewards of one batch from raw IF (`None` = invalid), by mode.
@@ -578,6 +746,7 @@ pub fn stage2(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(start.min(cfg.steps));
+    let mut warned = false;
     let mut reward = |batch: &RolloutBatch| -> Result<Vec<f64>, optimsyn_rl_grpo::BoxError> {
         let mut items = Vec::with_capacity(batch.rollouts.len());
         for r in &batch.rollouts {
@@ -602,36 +771,45 @@ pub fn stage2(
         let file = rl
             .join("samples")
             .join(format!("step-{:06}.jsonl", batch.step));
-        let recs = synthesize_rubrics(cfg, m, &items, &pinfo, batch.step, &file)
+        let mut recs = synthesize_rubrics(cfg, m, &items, &pinfo, batch.step, &file)
             .map_err(|e| e.to_string())?;
         let valid: Vec<ChatExample> = valid_examples(&recs);
-        let scores = if valid.is_empty() {
-            Vec::new()
+        let report = if valid.is_empty() {
+            optimsyn_influence::ScoreReport {
+                scores: Vec::new(),
+                discrimination: None,
+            }
         } else {
-            scorer.score(&valid)?
+            scorer.score_report(&valid)?
         };
-        let by_id: HashMap<String, Option<f64>> =
-            scores.into_iter().map(|s| (s.id, s.influence)).collect();
-        let ifs: Vec<Option<f64>> = recs
+        let by_id: HashMap<&str, &optimsyn_influence::Score> =
+            report.scores.iter().map(|s| (s.id.as_str(), s)).collect();
+        let scored: Vec<Option<&optimsyn_influence::Score>> = recs
             .iter()
-            .map(|r| {
-                if r.is_valid() {
-                    by_id.get(r.id()).copied().flatten()
-                } else {
-                    None
-                }
-            })
+            .map(|r| r.is_valid().then(|| by_id.get(r.id()).copied()).flatten())
             .collect();
-        let rw = rewards(cfg.reward.mode, cfg.reward.lambda, &ifs);
-        let vals: Vec<f64> = ifs.iter().flatten().copied().collect();
-        let row = RewardRow {
-            step: batch.step,
-            rollouts: recs.len(),
-            valid_rate: vals.len() as f64 / recs.len().max(1) as f64,
-            if_valid_mean: (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64),
-            if_valid_max: vals.iter().copied().reduce(f64::max),
-            reward_mean: rw.iter().sum::<f64>() / rw.len().max(1) as f64,
-        };
+        let ifs: Vec<Option<f64>> = scored.iter().map(|s| s.and_then(|s| s.influence)).collect();
+        let paid = reward_influence(cfg.reward.subtask_scale, cfg.influence.subtask_agg, &scored);
+        let rw = rewards(cfg.reward.mode, cfg.reward.lambda, &paid);
+        // The samples file was written before scoring; it is rewritten with what the reward saw.
+        for ((r, s), reward) in recs.iter_mut().zip(&scored).zip(&rw) {
+            r.sample.influence = s.and_then(|s| s.influence);
+            r.sample.subtask_influence = s.map(|s| s.subtasks.clone());
+            r.sample.reward = Some(*reward);
+        }
+        write_records(&file, &recs).map_err(|e| e.to_string())?;
+        let row = reward_row(batch.step, &ifs, &rw, report.discrimination);
+        if let Some(d) = row.discrimination.filter(|d| d.shared_dominates()) {
+            if !warned {
+                tracing::warn!(
+                    step = batch.step,
+                    "influence mostly measures what every rollout shares ({}); see docs/GUIDE.md, \
+                     \"Reading the diagnostics\"",
+                    d.summary()
+                );
+                warned = true;
+            }
+        }
         log.write(&row)?;
         log.sync()?;
         Ok(rw)
@@ -698,16 +876,16 @@ pub fn stage3(
     Ok(valid_examples(&recs))
 }
 
-/// Validation loss per subtask after fine-tuning the target (LoRA) on `data`; `None` data = no SFT.
+/// Loss per subtask (and `all`) on each of `eval_sets` after fine-tuning the target (LoRA) on
+/// `data`; `None` data = no SFT.
 pub fn finetune_and_eval(
     cfg: &RunConfig,
     data: Option<&[ChatExample]>,
-    heldout: &[ChatExample],
+    eval_sets: &[&[ChatExample]],
     dir: &Path,
-) -> anyhow::Result<BTreeMap<String, f64>> {
+) -> anyhow::Result<Vec<BTreeMap<String, f64>>> {
     let tok = ChatTokenizer::from_model_dir(&cfg.models.target)?;
     let fmt = optimsyn_data_io::ChatFormat::Tulu;
-    let eval_set = optimsyn_influence::encode_examples(&tok, heldout, fmt, cfg.influence.max_len)?;
     let mut target = CausalLm::load(&cfg.models.target, opts(cfg)?)?;
     if let Some(data) = data {
         let train = optimsyn_influence::encode_examples(&tok, data, fmt, cfg.influence.max_len)?;
@@ -731,10 +909,17 @@ pub fn finetune_and_eval(
             &mut |_| {},
         )?;
     }
-    let r = sft::evaluate(&target, &eval_set, 4096)?;
-    let mut out: BTreeMap<String, f64> = r.subtasks.into_iter().map(|(k, g)| (k, g.loss)).collect();
-    out.insert("all".into(), r.overall.loss);
-    Ok(out)
+    eval_sets
+        .iter()
+        .map(|set| {
+            let enc = optimsyn_influence::encode_examples(&tok, set, fmt, cfg.influence.max_len)?;
+            let r = sft::evaluate(&target, &enc, 4096)?;
+            let mut out: BTreeMap<String, f64> =
+                r.subtasks.into_iter().map(|(k, g)| (k, g.loss)).collect();
+            out.insert("all".into(), r.overall.loss);
+            Ok(out)
+        })
+        .collect()
 }
 
 /// Writes an SVG line plot of the RL run's raw IF, validity and reward per step, and KL.
@@ -813,7 +998,77 @@ pub fn train(cfg: &RunConfig) -> anyhow::Result<Vec<RewardRow>> {
     let rows = stage2(cfg, &m, &seeds, &mut scorer)?;
     let kl = read_kl(&cfg.out.join("rl").join("metrics.jsonl"));
     plot(&cfg.out, &rows, &kl)?;
+    let warm = read_warmup_diagnostics(cfg)?;
+    write_atomic(
+        &cfg.out.join("report.md"),
+        run_report(&warm, &rows, &kl).as_bytes(),
+    )?;
     Ok(rows)
+}
+
+/// `OUT/warmup/diagnostics.json`, written by stage 1.
+pub fn read_warmup_diagnostics(cfg: &RunConfig) -> anyhow::Result<WarmupDiagnostics> {
+    let path = cfg.out.join("warmup").join(WARMUP_DIAGNOSTICS);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not warm-up diagnostics", path.display()))
+}
+
+/// The run's `report.md`: the warm-up, whether influence discriminated, and the GRPO steps.
+pub fn run_report(warm: &WarmupDiagnostics, rows: &[RewardRow], kl: &[(u64, f64)]) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::from("# optimsyn run\n\n## Warm-up\n\n");
+    let _ = writeln!(
+        md,
+        "{} examples, {} steps; validation loss of the target {:.3} → {:.3}.\n",
+        warm.examples, warm.steps, warm.val_loss_before, warm.val_loss_after
+    );
+    let shared_steps = rows
+        .iter()
+        .filter(|r| r.discrimination.is_some_and(|d| d.shared_dominates()))
+        .count();
+    match &warm.discrimination {
+        Some(d) => {
+            let _ = writeln!(
+                md,
+                "Influence on {} pool samples after the warm-up: {}.\n",
+                warm.probe_candidates,
+                d.summary()
+            );
+        }
+        None => md.push_str("Too few pool samples to check influence after the warm-up.\n\n"),
+    }
+    if warm.discrimination.is_some_and(|d| d.shared_dominates()) || 2 * shared_steps > rows.len() {
+        let _ = writeln!(
+            md,
+            "**Warning: influence mostly measures what every candidate shares** (candidates differ by \
+             less than {} of the mean cosine after the warm-up, or in {shared_steps} of {} GRPO \
+             steps): the rewards rank candidates by little more than noise. Warm the target up longer (`warmup.epochs`) until its validation \
+             loss has come down, then train again; docs/GUIDE.md, \"Reading the diagnostics\".\n",
+            optimsyn_influence::SHARED_SPREAD_RATIO,
+            rows.len()
+        );
+    }
+    md.push_str("## GRPO steps\n\n| step | valid | IF mean | IF max | reward | top share | spread / mean | KL |\n|---|---|---|---|---|---|---|---|\n");
+    let kl: HashMap<u64, f64> = kl.iter().copied().collect();
+    let num =
+        |x: Option<f64>, digits: usize| x.map_or("–".to_string(), |v| format!("{v:.digits$}"));
+    for r in rows {
+        let d = r.discrimination;
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {} | {} | {:.3} | {} | {} | {} |",
+            r.step,
+            r.valid_rate,
+            num(r.if_valid_mean, 4),
+            num(r.if_valid_max, 4),
+            r.reward_mean,
+            num(d.and_then(|d| d.features).map(|f| f.top_share), 2),
+            num(d.map(|d| d.spread_ratio), 2),
+            num(kl.get(&r.step).copied(), 5),
+        );
+    }
+    md
 }
 
 /// The KL per step from the trainer's metrics.

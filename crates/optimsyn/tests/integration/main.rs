@@ -1,6 +1,7 @@
 //! `optimsyn` program tests: one binary, so libtorch is linked once. Each test runs the built
 //! program as a user would.
 
+mod diagnostics_cli;
 mod lm_cli;
 mod resume_cli;
 mod train_cli;
