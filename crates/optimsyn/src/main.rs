@@ -47,6 +47,8 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// The whole method on the bundled corpus and tiny models, with a closing table.
     Demo(cmd::demo::DemoArgs),
+    /// Is influence a good proxy here? Mean influence vs held-out loss after SFT, over datasets.
+    Analyze(cmd::analyze::AnalyzeArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Synthesize(a) => cmd::run::synthesize(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Analyze(a) => cmd::analyze::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

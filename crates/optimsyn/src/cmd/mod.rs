@@ -1,5 +1,6 @@
 //! One module per subcommand group.
 
+pub mod analyze;
 pub mod data;
 pub mod demo;
 mod demo_world;

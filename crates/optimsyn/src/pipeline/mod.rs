@@ -478,19 +478,13 @@ pub fn stage1(
         &warm_dir,
         &mut |_| {},
     )?;
-    let ckpts: Vec<PathBuf> = sft::list_checkpoints(&warm_dir)?.into_values().collect();
     tracing::info!(
         examples = warm.len(),
         steps = report.steps,
         "stage 1: warm-up done"
     );
-    let mut scorer = InfluenceScorer::new(
-        &cfg.models.target,
-        &ckpts,
-        &val,
-        score_config(cfg)?,
-        opts(cfg)?,
-    )?;
+    let ckpts: Vec<PathBuf> = sft::list_checkpoints(&warm_dir)?.into_values().collect();
+    let mut scorer = warmup_scorer(cfg)?;
     let diag = match loss_before {
         Some(before) => {
             let last = ckpts
@@ -525,6 +519,26 @@ pub fn stage1(
     };
     log_warmup(&diag);
     Ok(scorer)
+}
+
+/// The scorer at the run's warm-up checkpoints (`OUT/warmup/checkpoint-N`) against its
+/// validation set, as stage 2 uses it.
+pub fn warmup_scorer(cfg: &RunConfig) -> anyhow::Result<InfluenceScorer> {
+    let warm_dir = cfg.out.join("warmup");
+    let ckpts: Vec<PathBuf> = sft::list_checkpoints(&warm_dir)?.into_values().collect();
+    anyhow::ensure!(
+        !ckpts.is_empty(),
+        "{}: no warm-up checkpoint; run `optimsyn train` (its stage 1 warms the target up) first",
+        warm_dir.display()
+    );
+    let val: Vec<ChatExample> = read_jsonl(&cfg.data.val)?;
+    Ok(InfluenceScorer::new(
+        &cfg.models.target,
+        &ckpts,
+        &val,
+        score_config(cfg)?,
+        opts(cfg)?,
+    )?)
 }
 
 /// The file in `OUT/warmup/` with [`WarmupDiagnostics`].
@@ -999,11 +1013,90 @@ pub fn train(cfg: &RunConfig) -> anyhow::Result<Vec<RewardRow>> {
     let kl = read_kl(&cfg.out.join("rl").join("metrics.jsonl"));
     plot(&cfg.out, &rows, &kl)?;
     let warm = read_warmup_diagnostics(cfg)?;
-    write_atomic(
-        &cfg.out.join("report.md"),
-        run_report(&warm, &rows, &kl).as_bytes(),
-    )?;
+    let before = RubricStats::of(&read_jsonl::<SynthRecord>(&cfg.out.join("pool.jsonl"))?);
+    let last = cfg
+        .out
+        .join("rl")
+        .join("samples")
+        .join(format!("step-{:06}.jsonl", cfg.steps));
+    let after = if last.exists() {
+        Some(RubricStats::of(&read_jsonl::<SynthRecord>(&last)?))
+    } else {
+        None
+    };
+    let mut md = run_report(&warm, &rows, &kl);
+    md.push_str(&rubric_section(&before, after.as_ref()));
+    write_atomic(&cfg.out.join("report.md"), md.as_bytes())?;
     Ok(rows)
+}
+
+/// What the rubrics of one set of samples ask for: their "Prompt-related" texts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RubricStats {
+    /// Samples whose rubric parsed.
+    pub parsed: usize,
+    /// All samples.
+    pub total: usize,
+    /// Distinct "Prompt-related" texts.
+    pub distinct: usize,
+    /// Entropy (nats) of the "Prompt-related" texts' distribution.
+    pub entropy: f64,
+    /// The most frequent texts with their counts, most frequent first (ties by text).
+    pub top: Vec<(String, usize)>,
+}
+
+impl RubricStats {
+    /// The statistics of `records`' rubrics.
+    pub fn of(records: &[SynthRecord]) -> RubricStats {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for r in records {
+            if let Ok(rubric) = parse_rubric(&r.sample.provenance.rubric) {
+                *counts.entry(rubric.prompt_related).or_default() += 1;
+            }
+        }
+        let parsed: usize = counts.values().sum();
+        let entropy = counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / parsed as f64;
+                -p * p.ln()
+            })
+            .sum();
+        let mut top: Vec<(String, usize)> = counts.into_iter().collect();
+        let distinct = top.len();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(5);
+        RubricStats {
+            parsed,
+            total: records.len(),
+            distinct,
+            entropy,
+            top,
+        }
+    }
+}
+
+fn rubric_section(before: &RubricStats, after: Option<&RubricStats>) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::from(
+        "\n## What the rubrics ask for\n\nThe \"Prompt-related\" part of each rubric, untrained (the \
+         stage-1 pool) and at the last GRPO step.\n\n",
+    );
+    let mut one = |name: &str, s: &RubricStats| {
+        let _ = writeln!(
+            md,
+            "- {name}: {} of {} rubrics parsed, {} distinct questions asked, entropy {:.2} nats; most frequent:",
+            s.parsed, s.total, s.distinct, s.entropy
+        );
+        for (text, n) in &s.top {
+            let _ = writeln!(md, "  - {n} × {text}");
+        }
+    };
+    one("untrained", before);
+    if let Some(a) = after {
+        one("trained", a);
+    }
+    md
 }
 
 /// `OUT/warmup/diagnostics.json`, written by stage 1.
