@@ -7,9 +7,9 @@
 //! policy trained on it learns nothing useful. What the check reports:
 //!
 //! - the **mean cosine** over candidates and subtasks: what every candidate gets;
-//! - the **spread**: the standard deviation of the aggregated influence across candidates, and
-//!   the **spread ratio**, spread over mean cosine: how much candidates differ relative to what
-//!   they all share. [`Discrimination::shared_dominates`] flags a call whose spread ratio is below
+//! - the **spread**: the standard deviation across candidates of each subtask's score, averaged
+//!   over subtasks (so it does not depend on how subtasks are aggregated), and the **spread
+//!   ratio**, spread over mean cosine: how much candidates differ relative to what they all share. [`Discrimination::shared_dominates`] flags a call whose spread ratio is below
 //!   [`SHARED_SPREAD_RATIO`] (candidates differ by less than a quarter of the shared part);
 //! - the **top share** in feature space: the fraction of the candidates' (normalized,
 //!   preconditioned, projected) gradients' second moment in its largest direction, from `1/n` (no
@@ -18,8 +18,8 @@
 //!   is whether their shared direction is also what the validation gradients point along.
 //!
 //! On the bundled demo (43 pool samples, 4 validation subtasks): after 1 warm-up epoch (validation
-//! loss 8.19 → 7.19) mean cosine 0.28, spread ratio 0.13, top share 0.72; after 4 epochs
-//! (→ 5.16) mean cosine 0.08, spread ratio 0.98, top share 0.57.
+//! loss 8.19 → 7.19) mean cosine 0.28, spread ratio 0.12, top share 0.72; after 4 epochs
+//! (→ 5.16) mean cosine 0.08, spread ratio 0.94, top share 0.57.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +46,7 @@ pub struct Discrimination {
     pub candidates: usize,
     /// Mean per-subtask score over candidates and subtasks: what every candidate gets.
     pub mean_cosine: f64,
-    /// Standard deviation of the aggregated influence across candidates.
+    /// Standard deviation across candidates of each subtask's score, averaged over subtasks.
     pub spread: f64,
     /// `spread / |mean_cosine|` (infinite when the mean is 0).
     pub spread_ratio: f64,
@@ -68,11 +68,17 @@ impl Discrimination {
             .flat_map(|s| s.subtasks.values().copied())
             .collect();
         let mean_cosine = mean(&cosines);
-        let influence: Vec<f64> = scored.iter().filter_map(|s| s.influence).collect();
-        let m = mean(&influence);
-        let spread = (influence.iter().map(|x| (x - m).powi(2)).sum::<f64>()
-            / (influence.len() - 1) as f64)
-            .sqrt();
+        let subtasks: Vec<&String> = scored[0].subtasks.keys().collect();
+        let sds: Vec<f64> = subtasks
+            .iter()
+            .map(|k| {
+                sd(&scored
+                    .iter()
+                    .filter_map(|s| s.subtasks.get(*k).copied())
+                    .collect::<Vec<_>>())
+            })
+            .collect();
+        let spread = mean(&sds);
         Some(Discrimination {
             candidates: scored.len(),
             mean_cosine,
@@ -105,6 +111,15 @@ impl Discrimination {
 
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// Sample standard deviation (0 for fewer than two values).
+fn sd(xs: &[f64]) -> f64 {
+    if xs.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(xs);
+    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
 }
 
 #[cfg(test)]

@@ -169,14 +169,15 @@ fn scatter(path: &Path, points: &[Point], r: f64, rho: f64) -> anyhow::Result<()
             ("sans-serif", 16),
         )
         .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
         .build_cartesian_2d(xs, ys)
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
         .x_desc("dataset-mean influence on the validation set")
-        .y_desc("held-out loss after SFT (lower is better)")
+        .y_desc("held-out loss after SFT")
+        .light_line_style(WHITE)
         .draw()
         .map_err(|x| e(&x))?;
     chart

@@ -517,14 +517,16 @@ fn influence_plot(path: &Path, runs: &[RunResult]) -> anyhow::Result<()> {
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("{agg} aggregation"), ("sans-serif", 16))
             .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
+            .margin_right(56)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
             .build_cartesian_2d(1u64..steps, (lo - pad)..(hi + pad))
             .map_err(|x| e(&x))?;
         chart
             .configure_mesh()
             .x_desc("GRPO step")
-            .y_desc("raw influence of valid rollouts (mean)")
+            .y_desc("raw influence (valid rollouts)")
+            .light_line_style(WHITE)
             .draw()
             .map_err(|x| e(&x))?;
         for (i, r) in mine.iter().enumerate() {
