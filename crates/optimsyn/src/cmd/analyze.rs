@@ -99,7 +99,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         text.push_str(&serde_json::to_string(p)?);
         text.push('\n');
     }
-    optimsyn_data_io::write_atomic(&out.join("analyze.jsonl"), text.as_bytes())?;
+    optimsyn_data_io::write_atomic(out.join("analyze.jsonl"), text.as_bytes())?;
     scatter(&out.join("analyze.svg"), &points, r, rho)?;
     println!(
         "{}",

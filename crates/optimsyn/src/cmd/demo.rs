@@ -226,13 +226,11 @@ fn reference_arms(
 ) -> anyhow::Result<()> {
     let asked = demo_world::asked_kinds(cat, val);
     let seeds_p = pipeline::stage0(cfg)?;
-    let all = |d: &str| -> Vec<String> {
-        cat.get(d)
-            .map(|k| demo_world::kind_names(k))
-            .unwrap_or_default()
-    };
+    let all =
+        |d: &str| -> Vec<String> { cat.get(d).map(demo_world::kind_names).unwrap_or_default() };
     let is_asked = |d: &str, k: &str| asked.get(d).is_some_and(|s| s.contains(k));
-    let arms: [(&str, Box<dyn Fn(&str) -> Vec<String>>); 3] = [
+    type Kinds<'a> = Box<dyn Fn(&str) -> Vec<String> + 'a>;
+    let arms: [(&str, Kinds); 3] = [
         (
             "validation kinds",
             Box::new(|d: &str| all(d).into_iter().filter(|k| is_asked(d, k)).collect()),

@@ -813,16 +813,17 @@ pub fn stage2(
         }
         write_records(&file, &recs).map_err(|e| e.to_string())?;
         let row = reward_row(batch.step, &ifs, &rw, report.discrimination);
-        if let Some(d) = row.discrimination.filter(|d| d.shared_dominates()) {
-            if !warned {
-                tracing::warn!(
-                    step = batch.step,
-                    "influence mostly measures what every rollout shares ({}); see docs/GUIDE.md, \
-                     \"Reading the diagnostics\"",
-                    d.summary()
-                );
-                warned = true;
-            }
+        if let Some(d) = row
+            .discrimination
+            .filter(|d| !warned && d.shared_dominates())
+        {
+            tracing::warn!(
+                step = batch.step,
+                "influence mostly measures what every rollout shares ({}); see docs/GUIDE.md, \
+                 \"Reading the diagnostics\"",
+                d.summary()
+            );
+            warned = true;
         }
         log.write(&row)?;
         log.sync()?;
@@ -1026,7 +1027,7 @@ pub fn train(cfg: &RunConfig) -> anyhow::Result<Vec<RewardRow>> {
     };
     let mut md = run_report(&warm, &rows, &kl);
     md.push_str(&rubric_section(&before, after.as_ref()));
-    write_atomic(&cfg.out.join("report.md"), md.as_bytes())?;
+    write_atomic(cfg.out.join("report.md"), md.as_bytes())?;
     Ok(rows)
 }
 
@@ -1176,6 +1177,45 @@ pub fn read_kl(path: &Path) -> Vec<(u64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn score(id: &str, a: f64, b: f64) -> optimsyn_influence::Score {
+        optimsyn_influence::Score {
+            id: id.into(),
+            influence: Some(a.max(b)),
+            subtasks: [("a".to_string(), a), ("b".to_string(), b)].into(),
+            tokens: 4,
+            loss_tokens: 2,
+            loss: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn standardized_subtasks_do_not_let_a_larger_scale_win() {
+        use optimsyn_influence::SubtaskAgg;
+        // Subtask `a` has cosines ten times larger: raw max picks it for everyone.
+        let s = [
+            score("x", 0.30, 0.01),
+            score("y", 0.10, 0.03),
+            score("z", 0.20, 0.02),
+        ];
+        let scored: Vec<Option<&optimsyn_influence::Score>> =
+            vec![Some(&s[0]), None, Some(&s[1]), Some(&s[2])];
+        let raw = reward_influence(SubtaskScale::Raw, SubtaskAgg::Max, &scored);
+        assert_eq!(raw, vec![Some(0.30), None, Some(0.10), Some(0.20)]);
+        let z = reward_influence(SubtaskScale::Standardized, SubtaskAgg::Max, &scored);
+        let z: Vec<f64> = z.iter().map(|v| v.unwrap_or(f64::NAN)).collect();
+        // y is the best on `b`: as good a candidate as x is on `a`.
+        assert!((z[0] - z[2]).abs() < 1e-12 && z[0] > z[3], "{z:?}");
+        assert!(z[1].is_nan(), "an invalid rollout stays invalid");
+        let mean = reward_influence(SubtaskScale::Standardized, SubtaskAgg::Mean, &scored);
+        assert!(mean.iter().flatten().all(|v| v.abs() < 1e-12), "{mean:?}");
+        // One scored rollout: nothing to standardize against.
+        assert_eq!(
+            reward_influence(SubtaskScale::Standardized, SubtaskAgg::Max, &scored[..1]),
+            vec![Some(0.30)]
+        );
+    }
 
     #[test]
     fn reward_modes() {
