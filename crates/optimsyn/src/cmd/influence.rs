@@ -173,8 +173,11 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut missing = 0;
+    let mut first_check = None;
     for chunk in cands.chunks(a.chunk) {
-        for s in scorer.score(chunk)? {
+        let report = scorer.score_report(chunk)?;
+        first_check = first_check.or(report.discrimination);
+        for s in report.scores {
             if s.influence.is_none() {
                 missing += 1;
             }
@@ -183,6 +186,17 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    // The first chunk's check stands for the run: it depends on the checkpoint, not the chunk.
+    match first_check {
+        Some(d) if d.shared_dominates() => tracing::warn!(
+            "influence mostly measures what every candidate shares ({}): the scores rank candidates \
+             by little more than noise; warm the target up longer (docs/GUIDE.md, \"Reading the \
+             diagnostics\")",
+            d.summary()
+        ),
+        Some(d) => tracing::info!("influence discriminates: {}", d.summary()),
+        None => {}
+    }
     if missing > 0 {
         tracing::warn!(
             missing,
