@@ -937,71 +937,72 @@ pub fn finetune_and_eval(
         .collect()
 }
 
-/// Writes an SVG line plot of the RL run's raw IF, validity and reward per step, and KL.
+/// Writes `OUT/rl.svg`: the RL run per GRPO step in three panels, one per scale: raw IF of the
+/// valid rollouts; mean reward and validity rate; the KL to the initial policy.
 pub fn plot(out: &Path, rows: &[RewardRow], kl: &[(u64, f64)]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let path = out.join("rl.svg");
-    let root = SVGBackend::new(&path, (720, 420)).into_drawing_area();
-    root.fill(&WHITE)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    let steps = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1);
-    let ys: Vec<f64> = rows
+    let e = |x: &dyn std::fmt::Display| anyhow::anyhow!("plot {}: {x}", path.display());
+    let root = SVGBackend::new(&path, (720, 720)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let steps = rows.iter().map(|r| r.step).max().unwrap_or(1).max(2);
+    let raw_if: Vec<(u64, f64)> = rows
         .iter()
-        .flat_map(|r| [r.if_valid_mean.unwrap_or(0.0), r.reward_mean, r.valid_rate])
-        .chain(kl.iter().map(|k| k.1))
+        .filter_map(|r| r.if_valid_mean.map(|v| (r.step, v)))
         .collect();
-    let lo = ys.iter().copied().fold(0.0f64, f64::min);
-    let hi = ys.iter().copied().fold(0.1f64, f64::max);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "OptimSyn RL: influence, validity, reward, KL",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(48)
-        .build_cartesian_2d(1u64..steps, lo..hi * 1.05)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("GRPO step")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    type Series = (&'static str, RGBColor, Vec<(u64, f64)>);
-    let series: [Series; 4] = [
+    let reward: Vec<(u64, f64)> = rows.iter().map(|r| (r.step, r.reward_mean)).collect();
+    let valid: Vec<(u64, f64)> = rows.iter().map(|r| (r.step, r.valid_rate)).collect();
+    type Series<'a> = (&'a str, RGBColor, &'a [(u64, f64)]);
+    let panels: [(&str, Vec<Series>); 3] = [
+        ("raw influence (valid rollouts)", vec![("", BLUE, &raw_if)]),
         (
-            "raw IF (valid)",
-            BLUE,
-            rows.iter()
-                .filter_map(|r| r.if_valid_mean.map(|v| (r.step, v)))
-                .collect(),
+            "reward and validity",
+            vec![("reward", RED, &reward), ("valid", GREEN, &valid)],
         ),
-        (
-            "reward",
-            RED,
-            rows.iter().map(|r| (r.step, r.reward_mean)).collect(),
-        ),
-        (
-            "valid rate",
-            GREEN,
-            rows.iter().map(|r| (r.step, r.valid_rate)).collect(),
-        ),
-        ("KL", BLACK, kl.to_vec()),
+        ("KL to the initial policy", vec![("", BLACK, kl)]),
     ];
-    for (name, color, pts) in series {
+    for (area, (title, series)) in root.split_evenly((3, 1)).iter().zip(panels) {
+        let ys = series.iter().flat_map(|s| s.2.iter().map(|p| p.1));
+        let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+            (a.min(y), b.max(y))
+        });
+        let (lo, hi) = if lo.is_finite() && hi > lo {
+            (lo, hi)
+        } else {
+            (lo.min(0.0).max(-1.0), lo.max(0.0) + 1.0)
+        };
+        let pad = (hi - lo) * 0.08;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 15))
+            .margin(8)
+            .margin_right(52)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(1u64..steps, (lo - pad)..(hi + pad))
+            .map_err(|x| e(&x))?;
         chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            .configure_mesh()
+            .x_desc("GRPO step")
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (name, color, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts.to_vec(), color.stroke_width(2)))
+                .map_err(|x| e(&x))?;
+            // The series' name at its last point instead of a legend box over the data.
+            if let (false, Some(&(x, y))) = (name.is_empty(), pts.last()) {
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        name.to_string(),
+                        (x, y),
+                        ("sans-serif", 12).into_font().color(&color),
+                    )))
+                    .map_err(|x| e(&x))?;
+            }
+        }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|x| e(&x))?;
     Ok(())
 }
 
