@@ -479,13 +479,12 @@ fn verdicts(
 /// (their scales differ).
 fn influence_plot(path: &Path, runs: &[RunResult]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let aggs: Vec<String> = {
-        let mut v: Vec<String> = runs.iter().map(|r| r.agg.clone()).collect();
-        v.dedup();
-        v.sort();
-        v.dedup();
-        v
-    };
+    let aggs: Vec<String> = runs
+        .iter()
+        .map(|r| r.agg.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     if aggs.is_empty() {
         return Ok(());
     }
