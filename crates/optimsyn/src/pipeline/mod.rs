@@ -966,10 +966,11 @@ pub fn plot(out: &Path, rows: &[RewardRow], kl: &[(u64, f64)]) -> anyhow::Result
         let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
             (a.min(y), b.max(y))
         });
-        let (lo, hi) = if lo.is_finite() && hi > lo {
-            (lo, hi)
-        } else {
-            (lo.min(0.0).max(-1.0), lo.max(0.0) + 1.0)
+        // A flat series gets a unit-wide band around it; no data, the unit interval.
+        let (lo, hi) = match (lo.is_finite(), hi > lo) {
+            (true, true) => (lo, hi),
+            (true, false) => (lo - 0.5, lo + 0.5),
+            (false, _) => (0.0, 1.0),
         };
         let pad = (hi - lo) * 0.08;
         let mut chart = ChartBuilder::on(area)
