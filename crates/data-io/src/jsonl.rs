@@ -126,6 +126,11 @@ impl<T> JsonlReader<T> {
         &self.path
     }
 
+    /// The 1-based line number of the row returned last (blank lines count, as editors count them).
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
     fn row_error(&self, message: String) -> Error {
         Error::Row {
             path: self.path.clone(),

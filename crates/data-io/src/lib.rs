@@ -32,7 +32,7 @@ pub use jsonl::{
     JsonlReader, JsonlWriter, ReadStats, read_jsonl, truncate_rows_after, write_atomic,
 };
 pub use rows::{
-    ChatExample, ChatMessage, Provenance, Role, SamplingParams, SeedDoc, SyntheticSample,
+    ChatExample, ChatMessage, Overlap, Provenance, Role, SamplingParams, SeedDoc, SyntheticSample,
 };
 pub use template::{ChatTemplate, Rendered};
 pub use tokenizer::{ChatFormat, ChatTokenizer, EncodedExample};

@@ -170,6 +170,30 @@ pub struct Provenance {
     /// Why it was rejected, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejection: Option<String>,
+    /// Its longest overlap with an evaluation set, when decontamination found one (the sample is
+    /// then rejected as `contaminated`, or kept and flagged, as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contamination: Option<Overlap>,
+    /// The id of the earlier sample it (nearly) duplicates; it is then rejected as `duplicate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
+}
+
+/// Where a row's text repeats a reference (evaluation) row: the longest common run of normalised
+/// words and the reference row it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlap {
+    /// The reference file (as configured).
+    pub source: String,
+    /// 1-based line of the reference row in that file.
+    pub row: u64,
+    /// The reference row's id, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Length of the longest common run, in words.
+    pub words: usize,
+    /// That run, normalised (lower case, single spaces).
+    pub text: String,
 }
 
 /// A generated QA pair with its provenance and, once scored, its influence and reward.

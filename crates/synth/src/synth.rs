@@ -496,6 +496,8 @@ impl<'g> Synthesizer<'g> {
                     step: policy.step,
                     valid: rejection.is_none(),
                     rejection: rejection.map(|r| r.to_string()),
+                    contamination: None,
+                    duplicate_of: None,
                 },
                 influence: None,
                 subtask_influence: None,

@@ -64,6 +64,8 @@ fn sample() -> impl Strategy<Value = SyntheticSample> {
                     step,
                     valid,
                     rejection,
+                    contamination: None,
+                    duplicate_of: None,
                 },
                 influence,
                 subtask_influence: influence

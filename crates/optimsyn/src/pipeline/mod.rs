@@ -230,6 +230,8 @@ fn invalid_record(
                 step,
                 valid: false,
                 rejection: Some(reason.to_string()),
+                contamination: None,
+                duplicate_of: None,
             },
             influence: None,
             subtask_influence: None,
