@@ -235,7 +235,10 @@ impl DatasetCard {
                 );
             }
             None => {
-                let _ = writeln!(md, "not scored");
+                let _ = writeln!(
+                    md,
+                    "not scored (the pool, or `synthesize.score_influence` off)"
+                );
             }
         }
         md
@@ -264,13 +267,13 @@ impl DatasetCard {
                     OnContaminated::Keep => "are kept, flagged",
                 }
             );
+            let longest = self
+                .longest_overlap
+                .map_or("none".to_string(), |w| format!("{w} words"));
             let _ = writeln!(
                 md,
-                "- checked {}, contaminated {}, dropped {}, longest overlap {} words",
-                c.checked,
-                c.contaminated,
-                c.contaminated_dropped,
-                self.longest_overlap.unwrap_or(0)
+                "- checked {}, contaminated {}, dropped {}, longest overlap: {longest}",
+                c.checked, c.contaminated, c.contaminated_dropped
             );
             for (src, n) in &self.contaminated_by_source {
                 let _ = writeln!(md, "- from {src}: {n}");
@@ -287,9 +290,12 @@ impl DatasetCard {
             Some(t) => {
                 let _ = writeln!(
                     md,
-                    "MinHash near duplicates at Jaccard ≥ {t}: exact {}, near {} (the first of each cluster is kept)\n",
+                    "MinHash near duplicates at Jaccard ≥ {t}: exact {}, near {} (the first of each cluster is kept)",
                     c.exact_duplicates, c.near_duplicates
                 );
+                if !self.duplicate_examples.is_empty() {
+                    md.push('\n');
+                }
                 for f in &self.duplicate_examples {
                     let _ = writeln!(md, "- `{}`: {}", f.id, f.detail);
                 }

@@ -39,6 +39,6 @@ pub use decontam::{DecontamConfig, RefRow, Reference};
 pub use dedup::{DedupConfig, Deduper, Duplicate};
 pub use error::{Error, Result};
 pub use optimsyn_data_io::Overlap;
-pub use screen::{CONTAMINATED, DUPLICATE, OnContaminated, Screen, ScreenCounts};
+pub use screen::{CONTAMINATED, DUPLICATE, OnContaminated, Screen, ScreenCounts, dedup_examples};
 pub use stream::{FileCounts, decontaminate_file, dedup_file, reference_from_files};
 pub use text::{Part, Segment, example_segments, normalized_text, row_id, row_segments, words};

@@ -1,6 +1,6 @@
 //! Decontamination and deduplication applied to synthetic samples, recorded in their provenance.
 
-use optimsyn_data_io::SyntheticSample;
+use optimsyn_data_io::{ChatExample, SyntheticSample};
 use serde::{Deserialize, Serialize};
 
 use crate::decontam::Reference;
@@ -119,6 +119,40 @@ impl Screen<'_> {
         }
         Ok(counts)
     }
+}
+
+/// `examples` without exact and near duplicates (the first of each cluster kept, order kept), and
+/// how many were left out.
+///
+/// ```
+/// use optimsyn_data_io::ChatExample;
+/// use optimsyn_hygiene::{DedupConfig, dedup_examples};
+/// let rows = vec![
+///     ChatExample::qa("Which river runs through Ostra?", "The Vell."),
+///     ChatExample::qa("WHICH river runs through Ostra", "The Vell"),
+///     ChatExample::qa("Which river runs through Kemmin?", "The Aros."),
+/// ];
+/// let (kept, dropped) = dedup_examples(rows, DedupConfig::default())?;
+/// assert_eq!((kept.len(), dropped), (2, 1));
+/// # Ok::<(), optimsyn_hygiene::Error>(())
+/// ```
+pub fn dedup_examples(
+    examples: Vec<ChatExample>,
+    cfg: DedupConfig,
+) -> Result<(Vec<ChatExample>, usize)> {
+    let mut d = Deduper::new(cfg)?;
+    let n = examples.len();
+    let kept: Vec<ChatExample> = examples
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| {
+            let text = normalized_text(&example_segments(e));
+            d.push(&format!("row {}", i + 1), &text).is_none()
+        })
+        .map(|(_, e)| e)
+        .collect();
+    let dropped = n - kept.len();
+    Ok((kept, dropped))
 }
 
 /// Undoes an earlier screening's marks, so the sample is judged afresh.

@@ -1,4 +1,5 @@
 //! The crate's integration tests: planted contamination and duplicates in files, bad inputs, cards.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is the test failing
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -393,8 +394,8 @@ fn screening_samples_is_idempotent_and_the_card_counts_it() {
     }
     card.contaminated_by_source = card
         .contaminated_by_source
-        .into_iter()
-        .map(|(_, n)| ("val.jsonl".to_string(), n))
+        .into_values()
+        .map(|n| ("val.jsonl".to_string(), n))
         .collect();
     assert_eq!(card.kept, 2);
     assert_eq!(card.influence.as_ref().unwrap().count, 2);

@@ -29,6 +29,10 @@ pub struct AnalyzeArgs {
     /// Output folder for `analyze.jsonl` and `analyze.svg` [OUT/analyze].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Drop exact and near duplicates (estimated Jaccard ≥ this) within each dataset first:
+    /// repeated rows count twice in a mean influence but add little to SFT.
+    #[arg(long, value_name = "THRESHOLD")]
+    dedup: Option<f64>,
 }
 
 /// One dataset's point.
@@ -38,6 +42,8 @@ pub struct Point {
     pub dataset: String,
     /// Rows used.
     pub rows: usize,
+    /// Duplicates left out (with `--dedup`).
+    pub duplicates: usize,
     /// Mean influence of its rows on the validation set.
     pub mean_influence: f64,
     /// Held-out loss of the target after SFT on it.
@@ -62,7 +68,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let mut scorer = pipeline::warmup_scorer(&cfg)?;
     let mut points = Vec::new();
     for (i, path) in a.datasets.iter().enumerate() {
-        let data = usable_rows(path)?;
+        let (data, duplicates) = usable_rows(path, a.dedup)?;
         let scores = scorer.score(&data)?;
         let ifs: Vec<f64> = scores.iter().filter_map(|s| s.influence).collect();
         anyhow::ensure!(
@@ -79,12 +85,13 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         let p = Point {
             dataset: path.display().to_string(),
             rows: data.len(),
+            duplicates,
             mean_influence: ifs.iter().sum::<f64>() / ifs.len() as f64,
             heldout_loss: loss,
         };
         eprintln!(
-            "analyze: {} ({} rows): mean influence {:.4}, held-out loss {:.4}",
-            p.dataset, p.rows, p.mean_influence, p.heldout_loss
+            "analyze: {} ({} rows, {} duplicates left out): mean influence {:.4}, held-out loss {:.4}",
+            p.dataset, p.rows, p.duplicates, p.mean_influence, p.heldout_loss
         );
         points.push(p);
     }
@@ -111,8 +118,9 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The rows of `path` that carry an assistant turn.
-fn usable_rows(path: &Path) -> anyhow::Result<Vec<ChatExample>> {
+/// The rows of `path` that carry an assistant turn, without duplicates when `dedup` is given;
+/// also how many duplicates were left out.
+fn usable_rows(path: &Path, dedup: Option<f64>) -> anyhow::Result<(Vec<ChatExample>, usize)> {
     let rows: Vec<ChatExample> = read_jsonl(path)?;
     let data: Vec<ChatExample> = rows
         .into_iter()
@@ -127,7 +135,14 @@ fn usable_rows(path: &Path) -> anyhow::Result<Vec<ChatExample>> {
         "{}: no row with an assistant turn",
         path.display()
     );
-    Ok(data)
+    let Some(threshold) = dedup else {
+        return Ok((data, 0));
+    };
+    let cfg = optimsyn_hygiene::DedupConfig {
+        threshold,
+        ..Default::default()
+    };
+    Ok(optimsyn_hygiene::dedup_examples(data, cfg)?)
 }
 
 /// Average ranks (ties share their mean rank), for Spearman's ρ.

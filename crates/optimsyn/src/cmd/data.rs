@@ -1,7 +1,8 @@
-//! `optimsyn data render`: what exactly gets trained on.
+//! `optimsyn data render`: what exactly gets trained on; `data decontaminate` and `data dedup`:
+//! any JSONL checked against evaluation sets, or for duplicates, streaming.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -12,6 +13,56 @@ use optimsyn_data_io::{ChatExample, ChatFormat, ChatTokenizer, JsonlReader};
 pub enum DataCommand {
     /// Print, per row, `{"id", "tokens", "loss_mask"}` as training would see it.
     Render(RenderArgs),
+    /// Flag or drop rows whose text overlaps evaluation sets (word n-grams of normalised text).
+    Decontaminate(DecontaminateArgs),
+    /// Drop exact and near-duplicate rows (MinHash over word pairs), keeping the first of each.
+    Dedup(DedupArgs),
+}
+
+/// Arguments of `data decontaminate`.
+#[derive(Args)]
+pub struct DecontaminateArgs {
+    /// Rows to check (JSONL: `messages`, or `question`/`answer`/`prompt`/`text`… fields).
+    #[arg(long)]
+    input: PathBuf,
+    /// Evaluation sets to check against (repeat the flag for several files).
+    #[arg(long, required = true)]
+    against: Vec<PathBuf>,
+    /// Word n-gram length.
+    #[arg(long, default_value_t = 13)]
+    ngram: usize,
+    /// Shortest evaluation prompt (in words) that counts when repeated whole.
+    #[arg(long, default_value_t = 3)]
+    min_words: usize,
+    /// Keep flagged rows in the output (with a `contamination` field) instead of dropping them.
+    #[arg(long)]
+    keep: bool,
+    /// Output file for the kept rows (default: standard output).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Also write the dropped rows, each with its `contamination`, here.
+    #[arg(long)]
+    rejected: Option<PathBuf>,
+}
+
+/// Arguments of `data dedup`.
+#[derive(Args)]
+pub struct DedupArgs {
+    /// Rows to deduplicate (JSONL), kept in order.
+    #[arg(long)]
+    input: PathBuf,
+    /// Estimated Jaccard similarity at which rows are near duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    /// Shingle length in words.
+    #[arg(long, default_value_t = 2)]
+    shingle: usize,
+    /// Output file for the kept rows (default: standard output).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Also write the dropped rows, each with a `duplicate` field naming the kept row, here.
+    #[arg(long)]
+    rejected: Option<PathBuf>,
 }
 
 /// Arguments of `data render`.
@@ -41,7 +92,129 @@ pub struct RenderArgs {
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
         DataCommand::Render(a) => render(a),
+        DataCommand::Decontaminate(a) => decontaminate(a),
+        DataCommand::Dedup(a) => dedup(a),
     }
+}
+
+fn decontaminate(a: DecontaminateArgs) -> anyhow::Result<()> {
+    let cfg = optimsyn_hygiene::DecontamConfig {
+        ngram: a.ngram,
+        min_words: a.min_words,
+    };
+    let (reference, files) = optimsyn_hygiene::reference_from_files(cfg, &a.against)?;
+    let (out_name, rej_name) = outputs(&a.input, a.output.as_deref(), a.rejected.as_deref())?;
+    let mut out = super::output(a.output.as_deref())?;
+    let mut rejected = a
+        .rejected
+        .as_deref()
+        .map(|p| super::output(Some(p)))
+        .transpose()?;
+    let counts = optimsyn_hygiene::decontaminate_file(&reference, &a.input, |mut row, hit| {
+        let Some(hit) = hit else {
+            return emit(&mut out, &out_name, &row);
+        };
+        row["contamination"] = serde_json::to_value(hit).map_err(io_error)?;
+        match (a.keep, rejected.as_mut()) {
+            (true, _) => emit(&mut out, &out_name, &row),
+            (false, Some(r)) => emit(r, &rej_name, &row),
+            (false, None) => Ok(()),
+        }
+    })?;
+    out.flush()?;
+    if let Some(r) = rejected.as_mut() {
+        r.flush()?;
+    }
+    let against: Vec<String> = files
+        .iter()
+        .map(|f| format!("{} ({} rows)", f.path, f.rows))
+        .collect();
+    tracing::info!(
+        rows = counts.rows,
+        flagged = counts.flagged,
+        kept = if a.keep {
+            counts.rows
+        } else {
+            counts.rows - counts.flagged
+        },
+        "{}: decontaminated against {}",
+        a.input.display(),
+        against.join(", ")
+    );
+    Ok(())
+}
+
+fn dedup(a: DedupArgs) -> anyhow::Result<()> {
+    let cfg = optimsyn_hygiene::DedupConfig {
+        threshold: a.threshold,
+        shingle: a.shingle,
+        ..Default::default()
+    };
+    let (out_name, rej_name) = outputs(&a.input, a.output.as_deref(), a.rejected.as_deref())?;
+    let mut out = super::output(a.output.as_deref())?;
+    let mut rejected = a
+        .rejected
+        .as_deref()
+        .map(|p| super::output(Some(p)))
+        .transpose()?;
+    let counts = optimsyn_hygiene::dedup_file(cfg, &a.input, |mut row, dup| match dup {
+        None => emit(&mut out, &out_name, &row),
+        Some(d) => match rejected.as_mut() {
+            Some(r) => {
+                row["duplicate"] = serde_json::to_value(d).map_err(io_error)?;
+                emit(r, &rej_name, &row)
+            }
+            None => Ok(()),
+        },
+    })?;
+    out.flush()?;
+    if let Some(r) = rejected.as_mut() {
+        r.flush()?;
+    }
+    tracing::info!(
+        rows = counts.rows,
+        duplicates = counts.flagged,
+        kept = counts.rows - counts.flagged,
+        "{}: deduplicated at Jaccard {}",
+        a.input.display(),
+        a.threshold
+    );
+    Ok(())
+}
+
+fn io_error(e: impl std::fmt::Display) -> optimsyn_hygiene::Error {
+    optimsyn_hygiene::Error::Config(e.to_string())
+}
+
+/// One JSON line to `w`; write errors become the crate's error so the stream stops on them.
+fn emit(w: &mut dyn Write, name: &Path, row: &serde_json::Value) -> optimsyn_hygiene::Result<()> {
+    let line = serde_json::to_string(row).map_err(io_error)?;
+    writeln!(w, "{line}").map_err(|source| optimsyn_hygiene::Error::Io {
+        path: name.to_path_buf(),
+        source,
+    })
+}
+
+/// The output files, refusing any that is the input (creating it would empty the input first).
+fn outputs(
+    input: &Path,
+    output: Option<&Path>,
+    rejected: Option<&Path>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let same = |p: &Path| match (std::fs::canonicalize(input), std::fs::canonicalize(p)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    for p in [output, rejected].into_iter().flatten() {
+        anyhow::ensure!(
+            !same(p),
+            "{} is the input: write the output to another file",
+            p.display()
+        );
+    }
+    let name =
+        |p: Option<&Path>| p.map_or_else(|| PathBuf::from("standard output"), Path::to_path_buf);
+    Ok((name(output), name(rejected)))
 }
 
 fn render(a: RenderArgs) -> anyhow::Result<()> {

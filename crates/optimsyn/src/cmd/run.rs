@@ -92,7 +92,8 @@ pub fn synthesize(a: SynthesizeArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({"dataset": cfg.out.join(format!("dataset-{tag}.jsonl")).display().to_string(),
-            "valid": data.len(), "seeds": seeds.len()})
+            "valid": data.len(), "seeds": seeds.len(),
+            "card": cfg.out.join(format!("dataset-{tag}.card.md")).display().to_string()})
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use optimsyn_hygiene::OnContaminated;
 use optimsyn_influence::{Precond, SubtaskAgg};
 use optimsyn_rl_grpo::GrpoConfig;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,10 @@ pub struct DataConfig {
     /// Fraction of seeds kept for RL (the rest is the 10 % held-out prompt split). Default 0.9.
     #[serde(default = "default_train_fraction")]
     pub train_fraction: f64,
+    /// More evaluation files (JSONL) that written data must not overlap, besides `val` and
+    /// `heldout` (which are always checked). Default none.
+    #[serde(default)]
+    pub decontaminate: Vec<PathBuf>,
 }
 
 /// Model folders (Hugging Face layout).
@@ -239,6 +244,42 @@ pub enum SubtaskScale {
     Standardized,
 }
 
+/// Data hygiene: decontamination against the evaluation sets and near-duplicate removal
+/// (optimsyn-hygiene), applied to the pool, every GRPO step's samples and the final datasets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HygieneConfig {
+    /// Check written data against `data.val`, `data.heldout` and `data.decontaminate`. Default true.
+    pub decontaminate: bool,
+    /// Word n-gram length. Default 13.
+    pub ngram: usize,
+    /// A validation prompt shorter than `ngram` words counts when repeated whole and it has at
+    /// least this many words. Default 3.
+    pub min_words: usize,
+    /// What a contaminated sample of the pool or a final dataset becomes: `drop` (rejected,
+    /// flagged) or `keep` (flagged). Default drop.
+    pub contaminated: OnContaminated,
+    /// Give GRPO rollouts whose QA overlaps an evaluation set the invalid reward, so the policy is
+    /// not paid for copying the validation set. Default false: counted and flagged only.
+    pub penalize_rollouts: bool,
+    /// Near-duplicate removal in the pool and final datasets at this estimated Jaccard similarity
+    /// (MinHash over word pairs; 0 turns it off). Default 0.8.
+    pub dedup_threshold: f64,
+}
+
+impl Default for HygieneConfig {
+    fn default() -> Self {
+        HygieneConfig {
+            decontaminate: true,
+            ngram: 13,
+            min_words: 3,
+            contaminated: OnContaminated::Drop,
+            penalize_rollouts: false,
+            dedup_threshold: 0.8,
+        }
+    }
+}
+
 /// Stage 3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -247,6 +288,9 @@ pub struct SynthesizeConfig {
     pub rubrics_per_seed: usize,
     /// Rubric sampling temperature. Default 1.0.
     pub temperature: f64,
+    /// Score the dataset's influence on the validation set (at the warm-up checkpoint) for its
+    /// card and rows. Default true.
+    pub score_influence: bool,
 }
 
 impl Default for SynthesizeConfig {
@@ -254,6 +298,7 @@ impl Default for SynthesizeConfig {
         SynthesizeConfig {
             rubrics_per_seed: 1,
             temperature: 1.0,
+            score_influence: true,
         }
     }
 }
@@ -298,6 +343,9 @@ pub struct RunConfig {
     /// Stage 3.
     #[serde(default)]
     pub synthesize: SynthesizeConfig,
+    /// Data hygiene.
+    #[serde(default)]
+    pub hygiene: HygieneConfig,
 }
 
 fn default_text_field() -> String {
@@ -347,6 +395,7 @@ impl RunConfig {
         if let Some(h) = self.data.heldout.as_mut() {
             fix(h);
         }
+        self.data.decontaminate.iter_mut().for_each(fix);
         fix(&mut self.models.policy);
         fix(&mut self.models.target);
         if let Some(g) = self.models.generator.as_mut() {
@@ -376,6 +425,16 @@ impl RunConfig {
         if let Some(h) = &self.data.heldout {
             exists("data.heldout", h)?;
         }
+        for p in &self.data.decontaminate {
+            exists("data.decontaminate", p)?;
+        }
+        let h = &self.hygiene;
+        anyhow::ensure!(h.ngram >= 1, "key `hygiene.ngram`: must be at least 1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&h.dedup_threshold),
+            "key `hygiene.dedup_threshold`: must be in [0, 1] (0: off), got {}",
+            h.dedup_threshold
+        );
         exists("models.policy", &self.models.policy)?;
         exists("models.target", &self.models.target)?;
         match (&self.models.generator, &self.models.generator_url) {

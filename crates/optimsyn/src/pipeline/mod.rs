@@ -10,10 +10,12 @@
 //! OUT/rl/                    stage 2: GRPO checkpoints, metrics.jsonl, influence.jsonl,
 //!                            samples/step-N.jsonl (every rollout's QA, IF and reward)
 //! OUT/dataset-<tag>.jsonl    stage 3: one sample per rubric (valid ones are the dataset)
+//! OUT/*.card.json, *.card.md a dataset card beside the pool and each final dataset
 //! OUT/report.md, OUT/rl.svg  a report and a plot of the RL run
 //! ```
 
 pub mod config;
+pub mod hygiene;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -112,6 +114,8 @@ pub struct Models {
     pub policy_prompt: PolicyPrompt,
     /// The generator prompt's template files (`None`: built in).
     pub qa_templates: (Option<PathBuf>, Option<PathBuf>),
+    /// The evaluation sets written data is checked against.
+    pub hygiene: hygiene::Hygiene,
 }
 
 impl Models {
@@ -152,6 +156,7 @@ pub fn load_models(cfg: &RunConfig) -> anyhow::Result<Models> {
             cfg.prompts.policy_user.as_deref(),
         )?,
         qa_templates: (cfg.prompts.qa_system.clone(), cfg.prompts.qa_user.clone()),
+        hygiene: hygiene::Hygiene::load(cfg)?,
     })
 }
 
@@ -419,7 +424,11 @@ pub fn stage1(
         .map(|(s, t)| (s.doc.clone(), format!("{}/pool", s.doc.id), t))
         .collect();
     let pinfo = policy_info(cfg, "untrained", temperature);
-    let pool = synthesize_rubrics(cfg, m, &items, &pinfo, 0, &pool_path)?;
+    let mut pool = synthesize_rubrics(cfg, m, &items, &pinfo, 0, &pool_path)?;
+    let counts = m.hygiene.screen_dataset(&mut pool)?;
+    log_screen("stage 1: pool", &counts);
+    write_records(&pool_path, &pool)?;
+    m.hygiene.write_card(&pool_path, &pool, counts)?;
     let valid = valid_examples(&pool);
     tracing::info!(
         pool = pool.len(),
@@ -619,6 +628,10 @@ pub struct RewardRow {
     /// Whether this step's influence told the valid rollouts apart (absent with fewer than two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discrimination: Option<optimsyn_influence::Discrimination>,
+    /// Fraction of rollouts whose QA overlaps an evaluation set (absent in runs from before it
+    /// was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contaminated: Option<f64>,
 }
 
 fn reward_row(
@@ -636,7 +649,19 @@ fn reward_row(
         if_valid_max: vals.iter().copied().reduce(f64::max),
         reward_mean: rw.iter().sum::<f64>() / rw.len().max(1) as f64,
         discrimination,
+        contaminated: None,
     }
+}
+
+fn log_screen(what: &str, c: &optimsyn_hygiene::ScreenCounts) {
+    tracing::info!(
+        checked = c.checked,
+        contaminated = c.contaminated,
+        dropped = c.contaminated_dropped,
+        exact_duplicates = c.exact_duplicates,
+        near_duplicates = c.near_duplicates,
+        "{what}: decontamination and deduplication"
+    );
 }
 
 /// Replaces `file` with `records`, one JSON line each, atomically.
@@ -789,6 +814,7 @@ pub fn stage2(
             .join(format!("step-{:06}.jsonl", batch.step));
         let mut recs = synthesize_rubrics(cfg, m, &items, &pinfo, batch.step, &file)
             .map_err(|e| e.to_string())?;
+        let screened = m.hygiene.screen_rollouts(&mut recs)?;
         let valid: Vec<ChatExample> = valid_examples(&recs);
         let report = if valid.is_empty() {
             optimsyn_influence::ScoreReport {
@@ -814,7 +840,8 @@ pub fn stage2(
             r.sample.reward = Some(*reward);
         }
         write_records(&file, &recs).map_err(|e| e.to_string())?;
-        let row = reward_row(batch.step, &ifs, &rw, report.discrimination);
+        let mut row = reward_row(batch.step, &ifs, &rw, report.discrimination);
+        row.contaminated = Some(screened.contaminated as f64 / recs.len().max(1) as f64);
         if let Some(d) = row
             .discrimination
             .filter(|d| !warned && d.shared_dominates())
@@ -882,15 +909,34 @@ pub fn stage3(
         .zip(texts)
         .map(|((s, g), text)| (s.doc.clone(), format!("{}/final{g}", s.doc.id), text))
         .collect();
-    let recs = synthesize_rubrics(
-        cfg,
-        m,
-        &items,
-        &policy_info(cfg, tag, t),
-        cfg.steps,
-        &cfg.out.join(format!("dataset-{tag}.jsonl")),
-    )?;
+    let file = cfg.out.join(format!("dataset-{tag}.jsonl"));
+    let mut recs = synthesize_rubrics(cfg, m, &items, &policy_info(cfg, tag, t), cfg.steps, &file)?;
+    let counts = m.hygiene.screen_dataset(&mut recs)?;
+    log_screen(&format!("stage 3: dataset-{tag}"), &counts);
+    if cfg.synthesize.score_influence {
+        score_dataset(cfg, &mut recs)?;
+    }
+    write_records(&file, &recs)?;
+    m.hygiene.write_card(&file, &recs, counts)?;
     Ok(valid_examples(&recs))
+}
+
+/// Each kept sample's influence on the validation set at the warm-up checkpoint (for its card).
+fn score_dataset(cfg: &RunConfig, recs: &mut [SynthRecord]) -> anyhow::Result<()> {
+    let valid = valid_examples(recs);
+    if valid.is_empty() {
+        return Ok(());
+    }
+    let mut scorer = warmup_scorer(cfg)?;
+    let scores = scorer.score(&valid)?;
+    let by_id: HashMap<&str, &optimsyn_influence::Score> =
+        scores.iter().map(|s| (s.id.as_str(), s)).collect();
+    for r in recs.iter_mut() {
+        let s = by_id.get(r.id()).filter(|_| r.is_valid());
+        r.sample.influence = s.and_then(|s| s.influence);
+        r.sample.subtask_influence = s.map(|s| s.subtasks.clone());
+    }
+    Ok(())
 }
 
 /// Loss per subtask (and `all`) on each of `eval_sets` after fine-tuning the target (LoRA) on
@@ -954,12 +1000,20 @@ pub fn plot(out: &Path, rows: &[RewardRow], kl: &[(u64, f64)]) -> anyhow::Result
         .collect();
     let reward: Vec<(u64, f64)> = rows.iter().map(|r| (r.step, r.reward_mean)).collect();
     let valid: Vec<(u64, f64)> = rows.iter().map(|r| (r.step, r.valid_rate)).collect();
+    let overlap: Vec<(u64, f64)> = rows
+        .iter()
+        .filter_map(|r| r.contaminated.map(|c| (r.step, c)))
+        .collect();
     type Series<'a> = (&'a str, RGBColor, &'a [(u64, f64)]);
     let panels: [(&str, Vec<Series>); 3] = [
         ("raw influence (valid rollouts)", vec![("", BLUE, &raw_if)]),
         (
-            "reward and validity",
-            vec![("reward", RED, &reward), ("valid", GREEN, &valid)],
+            "reward, validity, share overlapping an evaluation set",
+            vec![
+                ("reward", RED, &reward),
+                ("valid", GREEN, &valid),
+                ("overlap", MAGENTA, &overlap),
+            ],
         ),
         ("KL to the initial policy", vec![("", BLACK, kl)]),
     ];
@@ -1147,7 +1201,20 @@ pub fn run_report(warm: &WarmupDiagnostics, rows: &[RewardRow], kl: &[(u64, f64)
             rows.len()
         );
     }
-    md.push_str("## GRPO steps\n\n| step | valid | IF mean | IF max | reward | top share | spread / mean | KL |\n|---|---|---|---|---|---|---|---|\n");
+    let overlapping = rows
+        .iter()
+        .filter(|r| r.contaminated.is_some_and(|c| c > 0.0))
+        .count();
+    if overlapping > 0 {
+        let _ = writeln!(
+            md,
+            "**Rollouts overlap an evaluation set in {overlapping} of {} steps** (column `overlap`; \
+             the samples files name the rows): the policy may be learning to ask for the validation \
+             questions. `hygiene.penalize_rollouts = true` pays such rollouts the invalid reward.\n",
+            rows.len()
+        );
+    }
+    md.push_str("## GRPO steps\n\n| step | valid | overlap | IF mean | IF max | reward | top share | spread / mean | KL |\n|---|---|---|---|---|---|---|---|---|\n");
     let kl: HashMap<u64, f64> = kl.iter().copied().collect();
     let num =
         |x: Option<f64>, digits: usize| x.map_or("–".to_string(), |v| format!("{v:.digits$}"));
@@ -1155,9 +1222,10 @@ pub fn run_report(warm: &WarmupDiagnostics, rows: &[RewardRow], kl: &[(u64, f64)
         let d = r.discrimination;
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {} | {} | {:.3} | {} | {} | {} |",
+            "| {} | {:.2} | {} | {} | {} | {:.3} | {} | {} | {} |",
             r.step,
             r.valid_rate,
+            num(r.contaminated, 2),
             num(r.if_valid_mean, 4),
             num(r.if_valid_max, 4),
             r.reward_mean,

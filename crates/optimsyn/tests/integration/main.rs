@@ -2,6 +2,7 @@
 //! program as a user would.
 
 mod diagnostics_cli;
+mod hygiene_cli;
 mod lm_cli;
 mod resume_cli;
 mod train_cli;
