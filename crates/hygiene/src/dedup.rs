@@ -53,7 +53,7 @@ pub enum Duplicate {
         /// The earlier (kept) row's key.
         of: String,
     },
-    /// Estimated Jaccard similarity ≥ the threshold with an earlier row.
+    /// Estimated Jaccard similarity ≥ the threshold with an earlier kept row (the earliest such).
     Near {
         /// The earlier (kept) row's key.
         of: String,
@@ -147,22 +147,22 @@ impl Deduper {
         }
         let sig = self.signature(&normalized);
         let band_keys = self.band_keys(&sig);
-        let mut best: Option<(u32, f64)> = None;
-        for bk in &band_keys {
-            for &k in self.buckets.get(bk).into_iter().flatten() {
-                let s = self.similarity(&sig, k);
-                // The most similar kept row; among equals, the earliest.
-                let better = best.is_none_or(|(bk, bs)| s > bs || (s == bs && k < bk));
-                if s >= self.cfg.threshold && better {
-                    best = Some((k, s));
-                }
+        // Each kept row once, however many bands it shares, earliest first: the first that is
+        // similar enough is the one this row duplicates.
+        let mut candidates: Vec<u32> = band_keys
+            .iter()
+            .flat_map(|bk| self.buckets.get(bk).into_iter().flatten().copied())
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        for k in candidates {
+            let similarity = self.similarity(&sig, k);
+            if similarity >= self.cfg.threshold {
+                return Some(Duplicate::Near {
+                    of: self.keys[k as usize].clone(),
+                    similarity,
+                });
             }
-        }
-        if let Some((k, similarity)) = best {
-            return Some(Duplicate::Near {
-                of: self.keys[k as usize].clone(),
-                similarity,
-            });
         }
         let id = self.keys.len() as u32;
         self.keys.push(key.to_string());
@@ -181,8 +181,7 @@ impl Deduper {
         let mut shingle = |ws: &[&str]| {
             let x = xxh3_64(ws.join(" ").as_bytes()) % PRIME;
             for (m, &(a, b)) in mins.iter_mut().zip(&self.coef) {
-                let h = ((a as u128 * x as u128 + b as u128) % PRIME as u128) as u64;
-                *m = (*m).min(h);
+                *m = (*m).min(mod_mersenne(a as u128 * x as u128 + b as u128));
             }
         };
         if words.len() <= k {
@@ -211,6 +210,15 @@ impl Deduper {
     }
 }
 
+/// `v mod (2^61 − 1)` for `v < 2^122` without a division: 2^61 ≡ 1, so the high bits fold onto
+/// the low ones.
+fn mod_mersenne(v: u128) -> u64 {
+    let folded = (v & PRIME as u128) + (v >> 61);
+    let folded = (folded & PRIME as u128) + (folded >> 61);
+    let r = folded as u64;
+    if r >= PRIME { r - PRIME } else { r }
+}
+
 /// Bands × rows for `num_perm` permutations: the most rows per band (fewest spurious candidates)
 /// that still makes a pair at exactly the threshold a candidate with probability ≥ 0.99; the
 /// signatures' agreement then decides.
@@ -236,6 +244,14 @@ mod tests {
         let (b, r) = lsh_shape(128, 0.5);
         assert!(b * r <= 128 && r >= 1);
         assert_eq!(lsh_shape(128, 1.0).1, 128);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mersenne_folding_is_the_remainder(a in 1u64..PRIME, x in 0u64..PRIME, b in 0u64..PRIME) {
+            let v = a as u128 * x as u128 + b as u128;
+            proptest::prop_assert_eq!(mod_mersenne(v) as u128, v % PRIME as u128);
+        }
     }
 
     #[test]
