@@ -17,6 +17,7 @@ const TENSOR: &str = "features";
 
 /// What produced a features file; a file is reused only when all of it matches.
 fn header(
+    model: &CausalLm,
     adapter_dir: &Path,
     val: &[TrainExample],
     projector: &Projector,
@@ -48,6 +49,11 @@ fn header(
     m.insert("validation".into(), h.finalize().to_hex().to_string());
     m.insert("adapter".into(), adapter_hash);
     m.insert("examples".into(), val.len().to_string());
+    // Gradients through a bf16 (or f16) model are other features; f32 files predate the field and
+    // stay valid.
+    if model.kind() != Kind::Float {
+        m.insert("dtype".into(), format!("{:?}", model.kind()));
+    }
     Ok(m)
 }
 
@@ -61,15 +67,18 @@ pub(crate) fn val_features(
     adapter_dir: &Path,
     cfg: &ScoreConfig,
 ) -> Result<Tensor> {
-    let meta = header(adapter_dir, val, projector)?;
+    let meta = header(model, adapter_dir, val, projector)?;
     let dir = cfg
         .features_dir
         .clone()
         .unwrap_or_else(|| adapter_dir.join("influence-features"));
     let key = blake3::hash(
         format!(
-            "{}{}{}",
-            meta["projector"], meta["validation"], meta["adapter"]
+            "{}{}{}{}",
+            meta["projector"],
+            meta["validation"],
+            meta["adapter"],
+            meta.get("dtype").map_or("", String::as_str)
         )
         .as_bytes(),
     );

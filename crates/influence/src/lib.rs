@@ -44,6 +44,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod dense_device;
 mod diagnostics;
 mod error;
 mod features;
@@ -60,4 +61,6 @@ pub use scorer::{
     InfluenceScorer, Score, ScoreConfig, ScoreReport, SubtaskAgg, encode_examples, gradients,
     gradients_into,
 };
-pub use verify::{AUTO_RELATIVE_CHANGE, StepCheck, VerifyReport, pearson, verify};
+pub use verify::{
+    AUTO_RELATIVE_CHANGE, AUTO_RELATIVE_CHANGE_HALF, StepCheck, VerifyReport, pearson, verify,
+};

@@ -1,8 +1,10 @@
 //! Random projections of gradient vectors: dense Rademacher (TRAK / LESS) and sparse JL (SJLT).
 //!
-//! Both are generated blockwise from ChaCha streams keyed by `(seed, block)` on the CPU, so the
-//! same seed gives the same matrix on every device and for every batch, and the full `P × k`
-//! matrix is never stored unless it fits the cache budget. Projections accumulate in f32.
+//! Both are generated blockwise from ChaCha streams keyed by `(seed, block)`, so the same seed
+//! gives the same matrix on every device and for every batch, and the full `P × k` matrix is never
+//! stored unless it fits the cache budget. The dense blocks are generated where the projection
+//! runs: on the CPU by the `rand_chacha` generator, on any other device by the same ChaCha8 in
+//! integer tensor ops (`dense_device`), bit for bit the same signs. Projections accumulate in f32.
 //!
 //! - Dense: entries ±1 (unscaled, as TRAK's Rademacher projector; cosines do not depend on the
 //!   scale). Costs `2·P·k` FLOPs per row, plus generating `P·k` signs once per call, so score many
@@ -64,10 +66,16 @@ impl ProjectorKind {
     }
 }
 
-/// Rows of the dense matrix generated per block.
+/// Rows of the dense matrix per ChaCha stream (the matrix's definition: do not change).
 const DENSE_BLOCK: usize = 1024;
+/// Streams generated per step on an accelerator (16 × 1024 rows × k = 8192: 512 MiB of signs):
+/// fewer, larger kernels.
+const DEVICE_STREAMS: usize = 16;
 /// Input coordinates hashed per SJLT block.
 const SJLT_BLOCK: usize = 1 << 16;
+
+/// Input coordinates per scatter on an accelerator.
+const SJLT_CHUNK: usize = 1 << 18;
 
 /// The sign bit of an SJLT table entry.
 const SIGN_BIT: u32 = 1 << 31;
@@ -104,6 +112,9 @@ fn sjlt_cpu(codes: &[u32], s: usize, scale: f32, x: &[f32], p: usize, out: &mut 
     });
 }
 
+/// The SJLT table on one device: (index, weight) tensors per chunk of input coordinates.
+type DeviceTable = (Device, Vec<(Tensor, Tensor)>);
+
 /// A projector for inputs of one dimension `P`.
 #[derive(Debug)]
 pub struct Projector {
@@ -113,6 +124,9 @@ pub struct Projector {
     dense_cache: Option<Tensor>,
     /// SJLT: `P·s` entries, each an output index with the sign in bit 31 (set: −1/√s).
     sjlt: Option<Vec<u32>>,
+    /// SJLT on an accelerator: the table's index and weight tensors per chunk, uploaded once to
+    /// the device they were last used on (a whole table per call crossed the bus before).
+    sjlt_device: std::sync::Mutex<Option<DeviceTable>>,
 }
 
 /// Eight ±1 floats for each byte: entry `j` is +1 when bit `j` is set.
@@ -234,6 +248,7 @@ impl Projector {
             p,
             dense_cache: None,
             sjlt: None,
+            sjlt_device: std::sync::Mutex::new(None),
         };
         match kind {
             ProjectorKind::Exact => {}
@@ -317,6 +332,9 @@ impl Projector {
                         .f_matmul(&m.f_to_device(dev).op("projection")?)
                         .op("dense projection");
                 }
+                if dev != Device::Cpu {
+                    return self.dense_generated_on(&x, seed, k, dev);
+                }
                 let mut out =
                     Tensor::f_zeros([*b, k as i64], (Kind::Float, dev)).op("projection")?;
                 // One block buffer for the whole call: a fresh 32 MiB allocation per block is a
@@ -328,9 +346,7 @@ impl Projector {
                 .op("projection")?;
                 for start in (0..self.p).step_by(DENSE_BLOCK) {
                     let rows = DENSE_BLOCK.min(self.p - start);
-                    let m = dense_rows_into(&mut buf, &mut block_rng(seed, start), rows, k)?
-                        .f_to_device(dev)
-                        .op("projection")?;
+                    let m = dense_rows_into(&mut buf, &mut block_rng(seed, start), rows, k)?;
                     let xs = x
                         .f_narrow(1, start as i64, rows as i64)
                         .op("dense projection")?;
@@ -365,33 +381,73 @@ impl Projector {
         }
     }
 
+    /// The dense projection with its blocks generated on `dev` (`x` lives there), many streams
+    /// per step: nothing of size `P × k` crosses the bus.
+    fn dense_generated_on(&self, x: &Tensor, seed: u64, k: usize, dev: Device) -> Result<Tensor> {
+        let b = x.size()[0];
+        let mut out = Tensor::f_zeros([b, k as i64], (Kind::Float, dev)).op("projection")?;
+        let step = DENSE_BLOCK * DEVICE_STREAMS;
+        for start in (0..self.p).step_by(step) {
+            let rows = step.min(self.p - start);
+            let m = crate::dense_device::dense_rows_on(seed, start, rows, k, DENSE_BLOCK, dev)?;
+            let xs = x
+                .f_narrow(1, start as i64, rows as i64)
+                .op("dense projection")?;
+            let _ = out.f_addmm_(&xs, &m).op("dense projection")?;
+        }
+        Ok(out)
+    }
+
     /// The SJLT as libtorch scatter-adds over index / weight tensors built from the table (any
     /// device), in chunks that bound the `[B, chunk·s]` temporary.
     fn sjlt_scatter(&self, x: &Tensor, codes: &[u32], s: usize, k: usize) -> Result<Tensor> {
         let (dev, b) = (x.device(), x.size()[0]);
-        let scale = 1.0 / (s as f32).sqrt();
         let mut out = Tensor::f_zeros([b, k as i64], (Kind::Float, dev)).op("projection")?;
-        let chunk = 1 << 18;
-        for start in (0..self.p).step_by(chunk) {
-            let n = chunk.min(self.p - start);
+        let mut cached = self
+            .sjlt_device
+            .lock()
+            .map_err(|_| Error::Input("SJLT device table poisoned by a panic".into()))?;
+        if cached.as_ref().is_none_or(|(d, _)| *d != dev) {
+            *cached = Some((dev, self.sjlt_chunks(codes, s, dev)?));
+        }
+        let chunks = cached.as_ref().map_or(&[][..], |(_, c)| c.as_slice());
+        for (i, (is, ws)) in chunks.iter().enumerate() {
+            let start = i * SJLT_CHUNK;
+            let n = SJLT_CHUNK.min(self.p - start);
+            let mut f = || -> std::result::Result<(), tch::TchError> {
+                let xs = x
+                    .f_narrow(1, start as i64, n as i64)?
+                    .f_repeat_interleave_self_int(s as i64, 1, None)?;
+                let _ = out.f_index_add_(1, is, &xs.f_mul(ws)?)?;
+                Ok(())
+            };
+            f().op("SJLT projection")?;
+        }
+        Ok(out)
+    }
+
+    /// The SJLT table as (index, weight) tensors on `dev`, one pair per chunk of input
+    /// coordinates (bounding the `[B, chunk·s]` temporary of a scatter).
+    fn sjlt_chunks(&self, codes: &[u32], s: usize, dev: Device) -> Result<Vec<(Tensor, Tensor)>> {
+        let scale = 1.0 / (s as f32).sqrt();
+        let mut chunks = Vec::new();
+        for start in (0..self.p).step_by(SJLT_CHUNK) {
+            let n = SJLT_CHUNK.min(self.p - start);
             let part = &codes[start * s..(start + n) * s];
             let idx: Vec<i64> = part.iter().map(|c| (c & !SIGN_BIT) as i64).collect();
             let w: Vec<f32> = part
                 .iter()
                 .map(|c| if c & SIGN_BIT == 0 { scale } else { -scale })
                 .collect();
-            let mut f = || -> std::result::Result<(), tch::TchError> {
-                let xs = x
-                    .f_narrow(1, start as i64, n as i64)?
-                    .f_repeat_interleave_self_int(s as i64, 1, None)?;
-                let ws = Tensor::f_from_slice(&w)?.f_to_device(dev)?;
-                let is = Tensor::f_from_slice(&idx)?.f_to_device(dev)?;
-                let _ = out.f_index_add_(1, &is, &xs.f_mul(&ws)?)?;
-                Ok(())
+            let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
+                Ok((
+                    Tensor::f_from_slice(&idx)?.f_to_device(dev)?,
+                    Tensor::f_from_slice(&w)?.f_to_device(dev)?,
+                ))
             };
-            f().op("SJLT projection")?;
+            chunks.push(f().op("SJLT projection")?);
         }
-        Ok(out)
+        Ok(chunks)
     }
 }
 
@@ -440,6 +496,44 @@ mod tests {
         tch::set_num_threads(saved);
         assert_eq!(one, many);
         assert_eq!(rng1.next_u64(), rng3.next_u64());
+    }
+
+    #[test]
+    fn device_generated_rows_equal_the_cpu_generator_bit_for_bit() {
+        // Several streams with a partial last one; k with a partial last word; a single short
+        // stream; one row.
+        for (seed, start, rows, k) in [
+            (7u64, 0usize, 2 * DENSE_BLOCK + 37, 96usize),
+            (3, 3 * DENSE_BLOCK, 9, 77),
+            (1, 0, 1, 5),
+            (u64::MAX, DENSE_BLOCK, DENSE_BLOCK, 130),
+        ] {
+            let mut cpu = Vec::new();
+            for s in (start..start + rows).step_by(DENSE_BLOCK) {
+                let n = DENSE_BLOCK.min(start + rows - s);
+                let t = dense_rows(seed, s, n, k).unwrap();
+                cpu.extend(Vec::<f32>::try_from(t.view([-1])).unwrap());
+            }
+            let dev =
+                crate::dense_device::dense_rows_on(seed, start, rows, k, DENSE_BLOCK, Device::Cpu)
+                    .unwrap();
+            assert_eq!(dev.size(), [rows as i64, k as i64]);
+            let dev = Vec::<f32>::try_from(dev.view([-1])).unwrap();
+            assert!(cpu == dev, "seed {seed} start {start} rows {rows} k {k}");
+        }
+    }
+
+    #[test]
+    fn projecting_with_device_generated_blocks_equals_the_cpu_path() {
+        let (p, k) = (DENSE_BLOCK * DEVICE_STREAMS + 3 * DENSE_BLOCK + 11, 64);
+        let proj = Projector::new(ProjectorKind::Dense { k, seed: 4 }, p, 0).unwrap();
+        tch::manual_seed(2);
+        let x = Tensor::randn([5, p as i64], (Kind::Float, Device::Cpu));
+        let cpu = proj.project(&x).unwrap();
+        let on_device = proj.dense_generated_on(&x, 4, k, Device::Cpu).unwrap();
+        let err = (&cpu - &on_device).abs().max().double_value(&[]);
+        let scale = cpu.abs().max().double_value(&[]);
+        assert!(err <= 1e-5 * scale, "max |Δ| {err} (scale {scale})");
     }
 
     #[test]

@@ -71,12 +71,17 @@ pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
 /// curvature of a trained target (on the demo's, 1e-3 already gives actual/predicted ≈ 0.6).
 pub const AUTO_RELATIVE_CHANGE: f64 = 1e-5;
 
+/// The same for a bf16 or f16 target: its weights and losses carry ~3 significant digits, so a
+/// step of [`AUTO_RELATIVE_CHANGE`] is rounded away; the check is then coarser (curvature shows).
+pub const AUTO_RELATIVE_CHANGE_HALF: f64 = 1e-2;
+
 /// For each candidate, steps the adapter of the scorer's first checkpoint by `−lr·Γ` (the Adam
 /// update direction from that checkpoint's moments), measures the validation loss, and restores
 /// the weights. Reports predicted vs actual changes and their Pearson correlation.
 ///
 /// `lr: None` picks the step so that the median |predicted change| is
-/// [`AUTO_RELATIVE_CHANGE`] of the validation loss. A fixed step that suits one model is far
+/// [`AUTO_RELATIVE_CHANGE`] of the validation loss ([`AUTO_RELATIVE_CHANGE_HALF`] on a bf16 or f16
+/// target). A fixed step that suits one model is far
 /// too large or too small for another: Γ has Adam's scale (entries of order 1), so the change
 /// per unit step grows with the number of adapted parameters and the model's sharpness.
 pub fn verify(
@@ -144,7 +149,12 @@ pub fn verify(
                         .into(),
                 ));
             }
-            AUTO_RELATIVE_CHANGE * base.abs().max(1e-2) / median
+            let rel = if scorer.model().kind() == Kind::Float {
+                AUTO_RELATIVE_CHANGE
+            } else {
+                AUTO_RELATIVE_CHANGE_HALF
+            };
+            rel * base.abs().max(1e-2) / median
         }
     };
     let params: Vec<Tensor> = scorer

@@ -193,6 +193,8 @@ pub struct InfluenceConfig {
     pub precond: Precond,
     /// Truncate examples to this many tokens.
     pub max_len: Option<usize>,
+    /// The target's dtype for influence gradients: `f32`, `bf16` (as LESS), `f16`. Default f32.
+    pub dtype: String,
 }
 
 impl Default for InfluenceConfig {
@@ -203,6 +205,7 @@ impl Default for InfluenceConfig {
             subtask_agg: SubtaskAgg::Max,
             precond: Precond::Released,
             max_len: None,
+            dtype: "f32".into(),
         }
     }
 }
@@ -464,6 +467,11 @@ impl RunConfig {
             self.data.train_fraction > 0.0 && self.data.train_fraction <= 1.0,
             "key `data.train_fraction`: must be in (0, 1], got {}",
             self.data.train_fraction
+        );
+        anyhow::ensure!(
+            matches!(self.influence.dtype.as_str(), "f32" | "bf16" | "f16"),
+            "key `influence.dtype`: `{}` is not f32, bf16 or f16",
+            self.influence.dtype
         );
         anyhow::ensure!(
             matches!(self.influence.projector.as_str(), "dense" | "sjlt"),

@@ -548,7 +548,7 @@ pub fn warmup_scorer(cfg: &RunConfig) -> anyhow::Result<InfluenceScorer> {
         &ckpts,
         &val,
         score_config(cfg)?,
-        opts(cfg)?,
+        crate::cmd::load_options(&cfg.models.device, &cfg.influence.dtype)?,
     )?)
 }
 
