@@ -143,9 +143,16 @@ pub(crate) fn dense_rows_on(
             .f_reshape([streams, counters * 16])?
             .f_narrow(1, 0, per_stream * row_words)?
             .f_view([streams, per_stream, row_words])?
-            .f_narrow(2, 0, used_words)?
+            .f_narrow(2, 0, used_words)?;
+        // The bit expansion is the largest tensor of the step: in i32 it takes half the memory.
+        // Words ≥ 2³¹ map to their two's-complement value (exactly, no cast overflow); an
+        // arithmetic right shift then still leaves bit n in bit 0 for n < 32.
+        let words = words
+            .f_bitwise_xor(0x8000_0000i64)?
+            .f_sub_scalar(0x8000_0000i64)?
+            .f_to_kind(Kind::Int)?
             .f_unsqueeze(3)?;
-        let shifts = Tensor::f_arange(32, (Kind::Int64, device))?;
+        let shifts = Tensor::f_arange(32, (Kind::Int, device))?;
         let bits = words
             .f_bitwise_right_shift(&shifts)?
             .f_bitwise_and(1)?
