@@ -20,6 +20,8 @@ pub enum InfluenceCommand {
     Score(ScoreArgs),
     /// Check the estimate on this setup: one real step per candidate against the first-order prediction.
     Verify(VerifyArgs),
+    /// Join the outputs of `score --shard I/N` runs into the unsharded run's output.
+    Merge(MergeArgs),
 }
 
 /// What both commands share.
@@ -84,6 +86,24 @@ pub struct ScoreArgs {
     /// Output JSONL (default: standard output). An existing file is resumed: ids already in it are skipped.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Score only shard I of N (`I/N`, 0-based): a contiguous run of whole chunks, so each row is
+    /// computed exactly as in an unsharded run; `influence merge` joins the shards' outputs.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+}
+
+/// Arguments of `influence merge`.
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The candidates file the shards scored (gives the order and the set of ids).
+    #[arg(long)]
+    input: PathBuf,
+    /// The shards' outputs, in any order.
+    #[arg(long, num_args = 1.., required = true)]
+    shards: Vec<PathBuf>,
+    /// Output JSONL (default: standard output).
+    #[arg(long)]
+    output: Option<PathBuf>,
 }
 
 /// Arguments of `influence verify`.
@@ -105,6 +125,7 @@ pub fn run(cmd: InfluenceCommand) -> anyhow::Result<()> {
     match cmd {
         InfluenceCommand::Score(a) => score(a),
         InfluenceCommand::Verify(a) => verify_cmd(a),
+        InfluenceCommand::Merge(a) => merge(a),
     }
 }
 
@@ -130,6 +151,100 @@ fn scorer(c: &Common, agg: SubtaskAgg) -> anyhow::Result<(InfluenceScorer, Vec<C
     Ok((s, val))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_rows_once_in_whole_chunks() {
+        for (rows, chunk, n) in [(0, 4, 3), (10, 4, 3), (130, 64, 4), (5, 1, 8), (7, 64, 2)] {
+            let mut next = 0;
+            for i in 0..n {
+                let r = shard_rows(rows, chunk, i, n);
+                assert_eq!(r.start, next, "rows {rows} chunk {chunk} shard {i}/{n}");
+                assert!(r.start % chunk == 0 || r.start == rows);
+                next = r.end;
+            }
+            assert_eq!(next, rows);
+        }
+        assert_eq!(parse_shard("1/4").unwrap(), (1, 4));
+        for bad in ["4/4", "1", "a/b", "0/0", "-1/2"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+/// `I/N` with `I < N`.
+fn parse_shard(spec: &str) -> anyhow::Result<(usize, usize)> {
+    let parsed = spec
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => anyhow::bail!("--shard {spec}: expected I/N with 0 ≤ I < N, e.g. 0/4"),
+    }
+}
+
+/// The candidate rows of shard `i` of `n`: whole chunks of `chunk` rows, as evenly as whole
+/// chunks allow, so every row is scored in the same chunk as an unsharded run scores it.
+fn shard_rows(rows: usize, chunk: usize, i: usize, n: usize) -> std::ops::Range<usize> {
+    let chunks = rows.div_ceil(chunk);
+    let (lo, hi) = (i * chunks / n, (i + 1) * chunks / n);
+    (lo * chunk).min(rows)..(hi * chunk).min(rows)
+}
+
+/// `influence merge`: the shards' rows in the candidates' order; every candidate exactly once.
+fn merge(a: MergeArgs) -> anyhow::Result<()> {
+    let cands: Vec<ChatExample> = read_jsonl(&a.input)?;
+    let ids: Vec<String> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.id.clone().unwrap_or_else(|| i.to_string()))
+        .collect();
+    let mut rows: std::collections::HashMap<String, (serde_json::Value, usize)> =
+        std::collections::HashMap::new();
+    for (k, path) in a.shards.iter().enumerate() {
+        let mut reader = optimsyn_data_io::JsonlReader::<serde_json::Value>::open(path)?;
+        while let Some(row) = reader.next() {
+            let row = row?;
+            let id = row
+                .get("id")
+                .and_then(|v| v.as_str())
+                .with_context(|| format!("{}:{}: no `id`", path.display(), reader.line()))?
+                .to_string();
+            if let Some((_, other)) = rows.get(&id) {
+                anyhow::bail!(
+                    "{}:{}: candidate {id} is also in {}",
+                    path.display(),
+                    reader.line(),
+                    a.shards[*other].display()
+                );
+            }
+            rows.insert(id, (row, k));
+        }
+    }
+    let mut out = super::output(a.output.as_deref())?;
+    for (line, id) in ids.iter().enumerate() {
+        let (row, _) = rows.remove(id).with_context(|| {
+            format!(
+                "candidate {id} ({}:{}) is in no shard: a shard is missing or unfinished",
+                a.input.display(),
+                line + 1
+            )
+        })?;
+        super::write_row(&mut out, &row)?;
+    }
+    if let Some(id) = rows.keys().next() {
+        anyhow::bail!(
+            "{} row(s) of the shards are not candidates of {} (e.g. {id}): shards of another input?",
+            rows.len(),
+            a.input.display()
+        );
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Where scored rows go.
 type Sink = dyn FnMut(&optimsyn_influence::Score) -> anyhow::Result<()>;
 
@@ -138,6 +253,16 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     let mut cands: Vec<ChatExample> = read_jsonl(&a.common.input)?;
     for (i, c) in cands.iter_mut().enumerate() {
         c.id.get_or_insert_with(|| i.to_string());
+    }
+    if let Some(spec) = &a.shard {
+        let (i, n) = parse_shard(spec)?;
+        let range = shard_rows(cands.len(), a.chunk, i, n);
+        tracing::info!(
+            shard = spec.as_str(),
+            rows = format!("{}..{}", range.start, range.end),
+            "scoring one shard"
+        );
+        cands = cands.drain(range).collect();
     }
     let (mut scorer, _) = scorer(&a.common, a.subtask_agg)?;
     let mut sink: Box<Sink> = match &a.output {

@@ -191,6 +191,54 @@ fn sft_eval_warmup_and_influence_from_the_command_line() {
         7,
         "a rerun resumes, never duplicates"
     );
+    // Three shards of chunks of 2, merged: the unsharded output, byte for byte.
+    let mut shards = Vec::new();
+    for i in 0..3 {
+        let out = d(&format!("shard-{i}.jsonl"));
+        let spec = format!("{i}/3");
+        let mut args = score.to_vec();
+        let last = args.len() - 1;
+        args[last] = &out;
+        args.extend(["--chunk", "2", "--shard", &spec]);
+        ok(&args);
+        shards.push(out);
+    }
+    let merged = d("merged.jsonl");
+    let mut merge = vec![
+        "influence",
+        "merge",
+        "--input",
+        &cands,
+        "--output",
+        &merged,
+        "--shards",
+    ];
+    merge.extend(shards.iter().map(String::as_str));
+    ok(&merge);
+    assert_eq!(
+        std::fs::read_to_string(&merged).expect("merged"),
+        std::fs::read_to_string(&scores).expect("scores"),
+        "merged shards equal the unsharded run"
+    );
+    // A missing shard is an error naming the first candidate it lacks.
+    let partial = [
+        "influence",
+        "merge",
+        "--input",
+        &cands,
+        "--shards",
+        &shards[0],
+        &shards[2],
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_optimsyn"))
+        .args(partial)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is in no shard"),
+        "{err}"
+    );
 
     let out = ok(&[
         "influence",
