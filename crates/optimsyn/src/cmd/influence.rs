@@ -151,29 +151,6 @@ fn scorer(c: &Common, agg: SubtaskAgg) -> anyhow::Result<(InfluenceScorer, Vec<C
     Ok((s, val))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_cover_the_rows_once_in_whole_chunks() {
-        for (rows, chunk, n) in [(0, 4, 3), (10, 4, 3), (130, 64, 4), (5, 1, 8), (7, 64, 2)] {
-            let mut next = 0;
-            for i in 0..n {
-                let r = shard_rows(rows, chunk, i, n);
-                assert_eq!(r.start, next, "rows {rows} chunk {chunk} shard {i}/{n}");
-                assert!(r.start % chunk == 0 || r.start == rows);
-                next = r.end;
-            }
-            assert_eq!(next, rows);
-        }
-        assert_eq!(parse_shard("1/4").unwrap(), (1, 4));
-        for bad in ["4/4", "1", "a/b", "0/0", "-1/2"] {
-            assert!(parse_shard(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 /// `I/N` with `I < N`.
 fn parse_shard(spec: &str) -> anyhow::Result<(usize, usize)> {
     let parsed = spec
@@ -365,4 +342,27 @@ fn verify_cmd(a: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_rows_once_in_whole_chunks() {
+        for (rows, chunk, n) in [(0, 4, 3), (10, 4, 3), (130, 64, 4), (5, 1, 8), (7, 64, 2)] {
+            let mut next = 0;
+            for i in 0..n {
+                let r = shard_rows(rows, chunk, i, n);
+                assert_eq!(r.start, next, "rows {rows} chunk {chunk} shard {i}/{n}");
+                assert!(r.start.is_multiple_of(chunk) || r.start == rows);
+                next = r.end;
+            }
+            assert_eq!(next, rows);
+        }
+        assert_eq!(parse_shard("1/4").unwrap(), (1, 4));
+        for bad in ["4/4", "1", "a/b", "0/0", "-1/2"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
 }
