@@ -67,9 +67,41 @@ pub struct ModelsConfig {
     pub generator_model: Option<String>,
     /// The target model whose validation loss the data should lower.
     pub target: PathBuf,
-    /// `cpu`, `cuda`, `cuda:N`.
+    /// `cpu`, `cuda`, `cuda:N`: where every model runs unless placed below.
     #[serde(default = "default_device")]
     pub device: String,
+    /// The policy's device (default `device`).
+    #[serde(default)]
+    pub policy_device: Option<String>,
+    /// The local generator's device (default `device`).
+    #[serde(default)]
+    pub generator_device: Option<String>,
+    /// The target's device: warm-up, influence, final SFT and evaluation (default `device`).
+    #[serde(default)]
+    pub target_device: Option<String>,
+}
+
+/// A model of the loop, for placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The rubric policy.
+    Policy,
+    /// The QA generator.
+    Generator,
+    /// The target.
+    Target,
+}
+
+impl ModelsConfig {
+    /// Where `role` runs: its own `*_device`, else `device`.
+    pub fn device_of(&self, role: Role) -> &str {
+        let own = match role {
+            Role::Policy => &self.policy_device,
+            Role::Generator => &self.generator_device,
+            Role::Target => &self.target_device,
+        };
+        own.as_deref().unwrap_or(&self.device)
+    }
 }
 
 /// Prompt template files (each optional; built-in wording otherwise).
@@ -431,6 +463,21 @@ impl RunConfig {
         for p in &self.data.decontaminate {
             exists("data.decontaminate", p)?;
         }
+        for (key, role) in [
+            ("models.policy_device", Role::Policy),
+            ("models.generator_device", Role::Generator),
+            ("models.target_device", Role::Target),
+        ] {
+            let d = self.models.device_of(role);
+            let known = d == "cpu"
+                || d == "cuda"
+                || d.strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<usize>().is_ok());
+            anyhow::ensure!(
+                known,
+                "key `{key}` (or `models.device`): `{d}` is not cpu, cuda or cuda:N"
+            );
+        }
         let h = &self.hygiene;
         anyhow::ensure!(h.ngram >= 1, "key `hygiene.ngram`: must be at least 1");
         anyhow::ensure!(
@@ -533,6 +580,16 @@ mini_batch_prompts = 2
             (5, 1.5, 1e-6)
         );
         assert_eq!(c.reward.mode, RewardMode::Normalized);
+        assert_eq!(c.models.device_of(Role::Target), "cpu");
+        let placed = OK.replace(
+            "target = \"target\"",
+            "target = \"target\"\ndevice = \"cuda:1\"\npolicy_device = \"cpu\"",
+        );
+        let c = RunConfig::load(&write(dir.path(), &placed)).unwrap();
+        assert_eq!(
+            [Role::Policy, Role::Generator, Role::Target].map(|r| c.models.device_of(r)),
+            ["cpu", "cuda:1", "cuda:1"]
+        );
     }
 
     #[test]
@@ -556,6 +613,25 @@ mini_batch_prompts = 2
             (
                 OK.replace("mini_batch_prompts = 2", "mini_batch_prompts = 3"),
                 "mini_batch_prompts",
+            ),
+            (
+                OK.replace(
+                    "target = \"target\"",
+                    "target = \"target\"\ntarget_device = \"gpu1\"",
+                ),
+                "models.target_device",
+            ),
+            (
+                OK.replace("[grpo]", "[hygiene]\ndedup_threshold = 1.5\n[grpo]"),
+                "hygiene.dedup_threshold",
+            ),
+            (
+                OK.replace("[grpo]", "[influence]\ndtype = \"f8\"\n[grpo]"),
+                "influence.dtype",
+            ),
+            (
+                OK.replace("[data]", "[data]\ndecontaminate = [\"missing.jsonl\"]"),
+                "data.decontaminate",
             ),
         ];
         for (body, key) in cases {

@@ -38,7 +38,7 @@ use optimsyn_synth::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use config::{RewardMode, RunConfig, SubtaskScale};
+pub use config::{RewardMode, Role, RunConfig, SubtaskScale};
 
 /// One seed document with its policy prompt.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,8 +49,9 @@ pub struct SeedPrompt {
     pub split: String,
 }
 
-fn opts(cfg: &RunConfig) -> anyhow::Result<LoadOptions> {
-    crate::cmd::load_options(&cfg.models.device, "f32")
+/// f32 on `role`'s device.
+fn opts(cfg: &RunConfig, role: Role) -> anyhow::Result<LoadOptions> {
+    crate::cmd::load_options(cfg.models.device_of(role), "f32")
 }
 
 /// Stage 0: seeds → prompts with a seeded 90/10 split, written once to `OUT/prompts.jsonl`.
@@ -137,7 +138,11 @@ pub fn load_models(cfg: &RunConfig) -> anyhow::Result<Models> {
         ..Default::default()
     };
     let generator: Box<dyn Generator> = match (&cfg.models.generator, &cfg.models.generator_url) {
-        (Some(dir), _) => Box::new(LocalGenerator::load(dir, opts(cfg)?, params)?),
+        (Some(dir), _) => Box::new(LocalGenerator::load(
+            dir,
+            opts(cfg, Role::Generator)?,
+            params,
+        )?),
         (None, Some(url)) => {
             let c = optimsyn_synth::OpenAiConfig {
                 base_url: url.clone(),
@@ -182,7 +187,7 @@ fn encode_prompts(
 
 /// A fresh policy: the base model with a seeded LoRA adapter (B = 0: it starts as the base).
 pub fn load_policy(cfg: &RunConfig) -> anyhow::Result<RubricPolicy> {
-    let mut model = CausalLm::load(&cfg.models.policy, opts(cfg)?)?;
+    let mut model = CausalLm::load(&cfg.models.policy, opts(cfg, Role::Policy)?)?;
     let lora = LoraConfig {
         r: cfg.policy.lora_r,
         alpha: cfg.policy.lora_alpha,
@@ -450,7 +455,7 @@ pub fn stage1(
         optimsyn_data_io::ChatFormat::Tulu,
         cfg.influence.max_len,
     )?;
-    let mut target = CausalLm::load(&cfg.models.target, opts(cfg)?)?;
+    let mut target = CausalLm::load(&cfg.models.target, opts(cfg, Role::Target)?)?;
     let w = &cfg.warmup;
     let lora = w.lora();
     let adapter = LoraAdapter::init(&mut target, lora, cfg.seed)?;
@@ -548,7 +553,7 @@ pub fn warmup_scorer(cfg: &RunConfig) -> anyhow::Result<InfluenceScorer> {
         &ckpts,
         &val,
         score_config(cfg)?,
-        crate::cmd::load_options(&cfg.models.device, &cfg.influence.dtype)?,
+        crate::cmd::load_options(cfg.models.device_of(Role::Target), &cfg.influence.dtype)?,
     )?)
 }
 
@@ -949,7 +954,7 @@ pub fn finetune_and_eval(
 ) -> anyhow::Result<Vec<BTreeMap<String, f64>>> {
     let tok = ChatTokenizer::from_model_dir(&cfg.models.target)?;
     let fmt = optimsyn_data_io::ChatFormat::Tulu;
-    let mut target = CausalLm::load(&cfg.models.target, opts(cfg)?)?;
+    let mut target = CausalLm::load(&cfg.models.target, opts(cfg, Role::Target)?)?;
     if let Some(data) = data {
         let train = optimsyn_influence::encode_examples(&tok, data, fmt, cfg.influence.max_len)?;
         let w = &cfg.warmup;

@@ -111,3 +111,48 @@ fn short_warm_up_is_flagged_and_the_committed_profile_is_not() {
     .expect("json");
     assert!(step["discrimination"]["top_share"].is_f64(), "{step}");
 }
+
+/// Placement per model: the policy and the target placed explicitly (on a CUDA machine, the target
+/// on the GPU) give the run the default placement gives: the same rollouts, the same influence.
+#[test]
+fn models_placed_apart_train_like_the_default_placement() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    train(&one, &[]);
+    let target = if tch::Cuda::is_available() {
+        "cuda"
+    } else {
+        eprintln!("no CUDA device: the target stays on the CPU (placement checked, not the GPU)");
+        "cpu"
+    };
+    let target_set = format!("models.target_device=\"{target}\"");
+    train(&two, &["models.policy_device=\"cpu\"", target_set.as_str()]);
+    let rows = |dir: &Path| -> Vec<Value> {
+        std::fs::read_to_string(dir.join("rl/influence.jsonl"))
+            .expect("influence.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("row"))
+            .collect()
+    };
+    let samples = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("rl/samples/step-000001.jsonl"))
+            .expect("samples")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("row");
+                format!("{}", v["messages"])
+            })
+            .collect()
+    };
+    assert_eq!(
+        samples(&one),
+        samples(&two),
+        "the same rollouts and QA pairs"
+    );
+    let (a, b) = (rows(&one), rows(&two));
+    let (x, y) = (
+        a[0]["if_valid_mean"].as_f64().expect("IF"),
+        b[0]["if_valid_mean"].as_f64().expect("IF"),
+    );
+    assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{x} vs {y}");
+}
