@@ -120,7 +120,16 @@ fn bootstrap() -> Result<Bootstrap> {
     let venv = cache_dir()?.join(format!("torch-{TORCH_VERSION}"));
     let python = venv.join("bin").join("python");
     let stamp = venv.join(".optimsyn-installed");
-    let want = format!("{:016x}", fnv1a(reqs.as_bytes()));
+    // Another build of the same torch version (CPU-only, an older CUDA) from a package index the
+    // user names; the stamp includes it, so switching builds reinstalls.
+    let torch_index = env::var("OPTIMSYN_TORCH_INDEX")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let stamped = match &torch_index {
+        Some(index) => format!("{reqs}\n{index}"),
+        None => reqs.clone(),
+    };
+    let want = format!("{:016x}", fnv1a(stamped.as_bytes()));
     if fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
         eprintln!(
             "optimsyn bootstrap: installing torch=={TORCH_VERSION} and the test Python packages \
@@ -133,6 +142,21 @@ fn bootstrap() -> Result<Bootstrap> {
             run(
                 Command::new(python3()?).args(["-m", "venv"]).arg(&venv),
                 "python3 -m venv",
+            )?;
+        }
+        if let Some(index) = &torch_index {
+            eprintln!(
+                "optimsyn bootstrap: torch=={TORCH_VERSION} from {index} (OPTIMSYN_TORCH_INDEX)"
+            );
+            let spec = format!("torch=={TORCH_VERSION}");
+            pip_install(
+                &python,
+                &[
+                    "--force-reinstall".as_ref(),
+                    "--index-url".as_ref(),
+                    index.as_ref(),
+                    spec.as_ref(),
+                ],
             )?;
         }
         pip_install(&python, &["-r".as_ref(), requirements.as_os_str()])?;
