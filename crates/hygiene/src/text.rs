@@ -7,18 +7,51 @@
 use optimsyn_data_io::{ChatExample, Role};
 use serde_json::Value;
 
-/// The normalised words of `text`: lower-cased runs of alphanumeric characters.
+/// The normalised words of `text`: lower-cased runs of alphanumeric characters, except that in
+/// scripts written without spaces (Chinese, Japanese kana, Thai, …) every character is a word of
+/// its own, so n-grams there are n-grams of characters rather than one "word" per sentence.
 ///
 /// ```
 /// use optimsyn_hygiene::words;
 /// assert_eq!(words("Which ORGAN does  Tesaxan act on?!"), ["which", "organ", "does", "tesaxan", "act", "on"]);
 /// assert_eq!(words("5 mg/day, (i.e. daily)"), ["5", "mg", "day", "i", "e", "daily"]);
+/// assert_eq!(words("阿司匹林的剂量?"), ["阿", "司", "匹", "林", "的", "剂", "量"]);
 /// ```
 pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
+    let mut out = Vec::new();
+    let mut word = String::new();
+    for c in text.chars() {
+        if !c.is_alphanumeric() {
+            flush(&mut word, &mut out);
+        } else if unspaced(c) {
+            flush(&mut word, &mut out);
+            out.push(c.to_lowercase().collect());
+        } else {
+            word.extend(c.to_lowercase());
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+fn flush(word: &mut String, out: &mut Vec<String>) {
+    if !word.is_empty() {
+        out.push(std::mem::take(word));
+    }
+}
+
+/// Characters of scripts that do not separate words with spaces.
+fn unspaced(c: char) -> bool {
+    matches!(c as u32,
+        0x0E00..=0x0EFF        // Thai, Lao
+        | 0x1000..=0x109F      // Myanmar
+        | 0x1780..=0x17FF      // Khmer
+        | 0x3040..=0x30FF      // Hiragana, Katakana
+        | 0x3400..=0x4DBF      // CJK extension A
+        | 0x4E00..=0x9FFF      // CJK unified ideographs
+        | 0xF900..=0xFAFF      // CJK compatibility ideographs
+        | 0xFF66..=0xFF9F      // half-width Katakana
+        | 0x20000..=0x3FFFF) // CJK extensions B–H
 }
 
 /// The role a piece of a row's text plays. Prompts (questions, instructions, documents) are what an
@@ -200,5 +233,8 @@ mod tests {
     #[test]
     fn unicode_words_are_lowercased() {
         assert_eq!(words("Ärzte—ÉCOLE"), ["ärzte", "école"]);
+        // Mixed scripts: Latin runs stay words, each ideograph is one.
+        assert_eq!(words("GPT-4の性能"), ["gpt", "4", "の", "性", "能"]);
+        assert_eq!(words("서울은 수도"), ["서울은", "수도"]);
     }
 }

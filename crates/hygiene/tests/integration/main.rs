@@ -407,3 +407,20 @@ fn screening_samples_is_idempotent_and_the_card_counts_it() {
     let back: DatasetCard = serde_json::from_slice(&std::fs::read(json_path).unwrap()).unwrap();
     assert_eq!(back, card);
 }
+
+#[test]
+fn questions_in_scripts_without_spaces_are_caught_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let val = write_rows(
+        dir.path(),
+        "val-zh.jsonl",
+        &[qa("zh-1", "阿司匹林的常用剂量是多少？", "每天一百毫克。")],
+    );
+    let (reference, _) = reference_from_files(DecontamConfig::default(), &[&val]).unwrap();
+    let copy = json!({"answer": "很多人问：阿司匹林的常用剂量是多少？答案是每天一百毫克。"});
+    let hit = reference.check_row(&copy).unwrap().unwrap();
+    assert_eq!((hit.row, hit.id.as_deref()), (1, Some("zh-1")));
+    assert!(hit.words >= 12, "{hit:?}");
+    let other = json!({"question": "布洛芬的常用剂量是多少？", "answer": "每天四百毫克。"});
+    assert!(reference.check_row(&other).unwrap().is_none());
+}
