@@ -932,6 +932,16 @@ fn score_dataset(cfg: &RunConfig, recs: &mut [SynthRecord]) -> anyhow::Result<()
     if valid.is_empty() {
         return Ok(());
     }
+    // `synthesize --untrained` may run before any warm-up: the dataset is still written.
+    let warm = sft::list_checkpoints(&cfg.out.join("warmup")).unwrap_or_default();
+    if warm.is_empty() {
+        tracing::warn!(
+            "no warm-up checkpoint in {}: the dataset's influence is not scored (run `optimsyn \
+             train` first, or set `synthesize.score_influence = false`)",
+            cfg.out.join("warmup").display()
+        );
+        return Ok(());
+    }
     let mut scorer = warmup_scorer(cfg)?;
     let scores = scorer.score(&valid)?;
     let by_id: HashMap<&str, &optimsyn_influence::Score> =
