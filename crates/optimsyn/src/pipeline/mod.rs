@@ -933,7 +933,7 @@ fn score_dataset(cfg: &RunConfig, recs: &mut [SynthRecord]) -> anyhow::Result<()
         return Ok(());
     }
     // `synthesize --untrained` may run before any warm-up: the dataset is still written.
-    let warm = sft::list_checkpoints(&cfg.out.join("warmup")).unwrap_or_default();
+    let warm = sft::list_checkpoints(cfg.out.join("warmup")).unwrap_or_default();
     if warm.is_empty() {
         tracing::warn!(
             "no warm-up checkpoint in {}: the dataset's influence is not scored (run `optimsyn \
