@@ -8,7 +8,7 @@
 //!   against evaluation rows; short questions count when repeated whole. Each hit names the
 //!   reference file, line and id and the longest common run of words.
 //! - **Deduplication** ([`Deduper`]): exact duplicates of the normalised text and near duplicates by
-//!   MinHash over character shingles with banded LSH; the first of a cluster is kept.
+//!   MinHash over word pairs with banded LSH; the first of a cluster is kept.
 //! - **Screening samples** ([`Screen`]): both, recorded in the samples' provenance; and a
 //!   [`DatasetCard`] that says what a dataset holds and what was taken out.
 //!

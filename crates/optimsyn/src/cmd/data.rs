@@ -114,7 +114,7 @@ fn decontaminate(a: DecontaminateArgs) -> anyhow::Result<()> {
         let Some(hit) = hit else {
             return emit(&mut out, &out_name, &row);
         };
-        row["contamination"] = serde_json::to_value(hit).map_err(io_error)?;
+        row["contamination"] = serde_json::to_value(hit).map_err(json_error)?;
         match (a.keep, rejected.as_mut()) {
             (true, _) => emit(&mut out, &out_name, &row),
             (false, Some(r)) => emit(r, &rej_name, &row),
@@ -161,7 +161,7 @@ fn dedup(a: DedupArgs) -> anyhow::Result<()> {
         None => emit(&mut out, &out_name, &row),
         Some(d) => match rejected.as_mut() {
             Some(r) => {
-                row["duplicate"] = serde_json::to_value(d).map_err(io_error)?;
+                row["duplicate"] = serde_json::to_value(d).map_err(json_error)?;
                 emit(r, &rej_name, &row)
             }
             None => Ok(()),
@@ -182,13 +182,13 @@ fn dedup(a: DedupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn io_error(e: impl std::fmt::Display) -> optimsyn_hygiene::Error {
+fn json_error(e: impl std::fmt::Display) -> optimsyn_hygiene::Error {
     optimsyn_hygiene::Error::Config(e.to_string())
 }
 
 /// One JSON line to `w`; write errors become the crate's error so the stream stops on them.
 fn emit(w: &mut dyn Write, name: &Path, row: &serde_json::Value) -> optimsyn_hygiene::Result<()> {
-    let line = serde_json::to_string(row).map_err(io_error)?;
+    let line = serde_json::to_string(row).map_err(json_error)?;
     writeln!(w, "{line}").map_err(|source| optimsyn_hygiene::Error::Io {
         path: name.to_path_buf(),
         source,
