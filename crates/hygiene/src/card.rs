@@ -207,24 +207,26 @@ impl DatasetCard {
         let _ = writeln!(md, "Written by `{}`.\n", self.command);
         let _ = writeln!(
             md,
-            "- records: {}, in the dataset (`valid: true`): {}",
+            "- records: {}, kept in the dataset: {}",
             self.records, self.kept
         );
         for (reason, n) in &self.rejected {
             let _ = writeln!(md, "- rejected `{reason}`: {n}");
         }
         self.screen_section(&mut md);
-        let _ = writeln!(md, "\n## Where it came from\n");
-        for (what, map) in [("policy", &self.policies), ("generator", &self.generators)] {
-            for (identity, n) in map {
-                let _ = writeln!(md, "- {what} `{identity}`: {n} records");
+        if !(self.policies.is_empty() && self.generators.is_empty()) {
+            let _ = writeln!(md, "\n## Where it came from\n");
+            for (what, map) in [("policy", &self.policies), ("generator", &self.generators)] {
+                for (identity, n) in map {
+                    let _ = writeln!(md, "- {what} `{identity}`: {n} records");
+                }
             }
+            let _ = writeln!(
+                md,
+                "- distinct rubrics among kept records: {}",
+                self.distinct_rubrics
+            );
         }
-        let _ = writeln!(
-            md,
-            "- distinct rubrics among kept records: {}",
-            self.distinct_rubrics
-        );
         let _ = writeln!(md, "\n## Influence on the validation set\n");
         match &self.influence {
             Some(d) => {
@@ -249,7 +251,7 @@ impl DatasetCard {
         let c = &self.counts;
         let _ = writeln!(md, "\n## Decontamination\n");
         if s.against.is_empty() {
-            let _ = writeln!(md, "not checked (no reference files)");
+            let _ = writeln!(md, "not checked");
         } else {
             let files: Vec<String> = s
                 .against

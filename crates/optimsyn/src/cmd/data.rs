@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use optimsyn_data_io::{ChatExample, ChatFormat, ChatTokenizer, JsonlReader};
+use optimsyn_hygiene::{DatasetCard, Duplicate, Flagged, OnContaminated, ScreenSettings};
 
 /// Dataset inspection.
 #[derive(Subcommand)]
@@ -110,10 +111,20 @@ fn decontaminate(a: DecontaminateArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|p| super::output(Some(p)))
         .transpose()?;
+    let mut card = blank_card(a.output.as_deref());
+    card.screen.against = files.clone();
+    card.screen.ngram = a.ngram;
+    card.screen.min_words = a.min_words;
+    card.screen.on_contaminated = if a.keep {
+        OnContaminated::Keep
+    } else {
+        OnContaminated::Drop
+    };
     let counts = optimsyn_hygiene::decontaminate_file(&reference, &a.input, |mut row, hit| {
         let Some(hit) = hit else {
             return emit(&mut out, &out_name, &row);
         };
+        note_overlap(&mut card, &row, &hit);
         row["contamination"] = serde_json::to_value(hit).map_err(json_error)?;
         match (a.keep, rejected.as_mut()) {
             (true, _) => emit(&mut out, &out_name, &row),
@@ -125,6 +136,25 @@ fn decontaminate(a: DecontaminateArgs) -> anyhow::Result<()> {
     if let Some(r) = rejected.as_mut() {
         r.flush()?;
     }
+    let kept = if a.keep {
+        counts.rows
+    } else {
+        counts.rows - counts.flagged
+    };
+    card.records = counts.rows as usize;
+    card.kept = kept as usize;
+    card.counts.checked = counts.rows as usize;
+    card.counts.contaminated = counts.flagged as usize;
+    if !a.keep && counts.flagged > 0 {
+        card.counts.contaminated_dropped = counts.flagged as usize;
+        card.rejected.insert(
+            optimsyn_hygiene::CONTAMINATED.into(),
+            counts.flagged as usize,
+        );
+    }
+    if let Some(path) = &a.output {
+        card.write_beside(path)?;
+    }
     let against: Vec<String> = files
         .iter()
         .map(|f| format!("{} ({} rows)", f.path, f.rows))
@@ -132,11 +162,7 @@ fn decontaminate(a: DecontaminateArgs) -> anyhow::Result<()> {
     tracing::info!(
         rows = counts.rows,
         flagged = counts.flagged,
-        kept = if a.keep {
-            counts.rows
-        } else {
-            counts.rows - counts.flagged
-        },
+        kept,
         "{}: decontaminated against {}",
         a.input.display(),
         against.join(", ")
@@ -157,16 +183,31 @@ fn dedup(a: DedupArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|p| super::output(Some(p)))
         .transpose()?;
+    let mut card = blank_card(a.output.as_deref());
+    card.screen.dedup_threshold = Some(a.threshold);
     let counts = optimsyn_hygiene::dedup_file(cfg, &a.input, |mut row, dup| match dup {
         None => emit(&mut out, &out_name, &row),
-        Some(d) => match rejected.as_mut() {
-            Some(r) => {
-                row["duplicate"] = serde_json::to_value(d).map_err(json_error)?;
-                emit(r, &rej_name, &row)
+        Some(d) => {
+            note_duplicate(&mut card, &row, &d);
+            match rejected.as_mut() {
+                Some(r) => {
+                    row["duplicate"] = serde_json::to_value(d).map_err(json_error)?;
+                    emit(r, &rej_name, &row)
+                }
+                None => Ok(()),
             }
-            None => Ok(()),
-        },
+        }
     })?;
+    card.records = counts.rows as usize;
+    card.kept = (counts.rows - counts.flagged) as usize;
+    card.counts.checked = counts.rows as usize;
+    if counts.flagged > 0 {
+        card.rejected
+            .insert(optimsyn_hygiene::DUPLICATE.into(), counts.flagged as usize);
+    }
+    if let Some(path) = &a.output {
+        card.write_beside(path)?;
+    }
     out.flush()?;
     if let Some(r) = rejected.as_mut() {
         r.flush()?;
@@ -180,6 +221,73 @@ fn dedup(a: DedupArgs) -> anyhow::Result<()> {
         a.threshold
     );
     Ok(())
+}
+
+/// A card for a file a `data` command writes, filled in as rows stream past.
+fn blank_card(output: Option<&Path>) -> DatasetCard {
+    let name = output
+        .and_then(|p| p.file_name())
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    DatasetCard {
+        dataset: name,
+        command: crate::pipeline::hygiene::command_line(),
+        records: 0,
+        kept: 0,
+        rejected: Default::default(),
+        screen: ScreenSettings {
+            against: Vec::new(),
+            ngram: 0,
+            min_words: 0,
+            on_contaminated: OnContaminated::Drop,
+            dedup_threshold: None,
+        },
+        counts: Default::default(),
+        longest_overlap: None,
+        contaminated_by_source: Default::default(),
+        contaminated_examples: Vec::new(),
+        duplicate_examples: Vec::new(),
+        policies: Default::default(),
+        generators: Default::default(),
+        distinct_rubrics: 0,
+        influence: None,
+    }
+}
+
+/// How many flagged rows a `data` command's card names.
+const CARD_EXAMPLES: usize = 5;
+
+fn row_name(row: &serde_json::Value) -> String {
+    optimsyn_hygiene::row_id(row).unwrap_or_else(|| "(no id)".into())
+}
+
+fn note_overlap(card: &mut DatasetCard, row: &serde_json::Value, o: &optimsyn_hygiene::Overlap) {
+    *card
+        .contaminated_by_source
+        .entry(o.source.clone())
+        .or_default() += 1;
+    card.longest_overlap = card.longest_overlap.max(Some(o.words));
+    if card.contaminated_examples.len() < CARD_EXAMPLES {
+        card.contaminated_examples.push(Flagged {
+            id: row_name(row),
+            detail: format!(
+                "{} words of {} line {}: \"{}\"",
+                o.words, o.source, o.row, o.text
+            ),
+        });
+    }
+}
+
+fn note_duplicate(card: &mut DatasetCard, row: &serde_json::Value, d: &Duplicate) {
+    match d {
+        Duplicate::Exact { .. } => card.counts.exact_duplicates += 1,
+        Duplicate::Near { .. } => card.counts.near_duplicates += 1,
+    }
+    if card.duplicate_examples.len() < CARD_EXAMPLES {
+        card.duplicate_examples.push(Flagged {
+            id: row_name(row),
+            detail: format!("duplicates {}", d.of()),
+        });
+    }
 }
 
 fn json_error(e: impl std::fmt::Display) -> optimsyn_hygiene::Error {

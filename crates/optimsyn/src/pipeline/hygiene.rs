@@ -112,7 +112,7 @@ impl Hygiene {
 }
 
 /// This process's command line, shell-quoted where needed: what reproduces the dataset.
-fn command_line() -> String {
+pub fn command_line() -> String {
     std::env::args()
         .enumerate()
         .map(|(i, a)| {

@@ -179,10 +179,16 @@ fn data_commands_flag_and_dedup_files() {
     assert_eq!(rows(&out).len(), 2);
     let r = rows(&rej);
     assert_eq!(r[0]["contamination"]["row"], 1, "{r:?}");
-    assert!(
-        log.contains("flagged=1") || log.contains("flagged"),
-        "{log}"
+    assert!(log.contains("flagged"), "{log}");
+    let card: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("out.card.json")).expect("card beside the output"),
+    )
+    .expect("card JSON");
+    assert_eq!(
+        (card["records"].as_u64(), card["kept"].as_u64()),
+        (Some(3), Some(2))
     );
+    assert_eq!(card["rejected"]["contaminated"], 1, "{card}");
 
     let (ok, _, log) = optimsyn(&[
         "data",
@@ -203,6 +209,11 @@ fn data_commands_flag_and_dedup_files() {
         [json!(1), json!(2)]
     );
     assert_eq!(rows(&rej)[0]["duplicate"]["of"], "2");
+    let md = std::fs::read_to_string(tmp.path().join("out.card.md")).expect("dedup card");
+    assert!(
+        md.contains("exact 1") && md.contains("`3`: duplicates 2"),
+        "{md}"
+    );
 
     // Bad inputs: a missing reference, the output over the input, rows without text.
     let (ok, _, log) = optimsyn(&[
