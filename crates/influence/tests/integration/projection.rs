@@ -62,3 +62,39 @@ fn same_seed_same_projection_cached_or_blockwise() {
         .unwrap();
     assert!((one - cached.narrow(0, 1, 1)).abs().max().double_value(&[]) < 1e-3);
 }
+
+/// On a CUDA machine the dense blocks are generated on the GPU: the projection must equal the
+/// CPU one (same signs; only the float accumulation order may differ), and so must the SJLT.
+/// A CPU-only machine has nothing to compare and says so.
+#[test]
+fn projections_on_cuda_equal_the_cpu_ones() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: the cpu-vs-cuda projection check is skipped on this machine");
+        return;
+    }
+    let (p, n) = (40_000usize, 6i64);
+    tch::manual_seed(3);
+    let x = Tensor::randn([n, p as i64], (Kind::Float, tch::Device::Cpu));
+    for kind in [
+        ProjectorKind::Dense { k: 512, seed: 9 },
+        ProjectorKind::Sjlt {
+            k: 512,
+            s: 4,
+            seed: 9,
+        },
+    ] {
+        // cache_bytes 0: the dense matrix is generated blockwise where the input lives.
+        let proj = Projector::new(kind, p, 0).unwrap();
+        let cpu = proj.project(&x).unwrap();
+        let gpu = proj
+            .project(&x.to_device(tch::Device::Cuda(0)))
+            .unwrap()
+            .to_device(tch::Device::Cpu);
+        let err = (&cpu - &gpu).abs().max().double_value(&[]);
+        let scale = cpu.abs().max().double_value(&[]);
+        assert!(
+            err <= 1e-5 * scale,
+            "{kind:?}: max |Δ| {err} at scale {scale}"
+        );
+    }
+}
