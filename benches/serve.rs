@@ -7,13 +7,16 @@
 //! benchmarks share (`optimsyn_examples::bench_model_dir`: written once into the cache by
 //! `python/bench/make_bench_model.py`). `THREADS` (default 2) sets libtorch's threads on
 //! both sides (the measuring thread and the server's model thread).
-//! `REPS` (default 5) sets the measured repetitions after one warm-up. Traffic stays on 127.0.0.1.
+//! `REPS` (default 5) sets the measured repetitions after one warm-up of each side; the sides
+//! alternate rep by rep (local, server, local, …) so drift in the machine's load falls on both
+//! alike. Traffic stays on 127.0.0.1.
 
+use std::sync::mpsc;
 use std::time::Instant;
 
 use optimsyn_data_io::ChatMessage;
 use optimsyn_lm::LoadOptions;
-use optimsyn_synth::serve::{ServeConfig, Server};
+use optimsyn_serve::{ServeConfig, Server};
 use optimsyn_synth::{
     ChatPrompt, GenerationParams, Generator, LocalGenerator, OpenAiConfig, OpenAiGenerator,
 };
@@ -26,32 +29,32 @@ fn env_num(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-struct Figures {
-    completions_per_s: f64,
-    tokens_per_s: f64,
+/// Seconds, completion tokens and texts of one `generate_all` of the prompts.
+struct Rep {
+    secs: f64,
+    tokens: u64,
     texts: Vec<String>,
 }
 
-fn measure(g: &dyn Generator, prompts: &[ChatPrompt], reps: usize) -> Figures {
-    let texts = |out: Vec<optimsyn_synth::Result<optimsyn_synth::Completion>>| {
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|e| panic!("generation failed: {e}")))
-            .collect::<Vec<_>>()
-    };
-    let first = texts(g.generate_all(prompts)); // warm-up
+fn once(g: &dyn Generator, prompts: &[ChatPrompt]) -> Rep {
     let start = Instant::now();
-    let mut tokens = 0u64;
-    for _ in 0..reps {
-        for c in texts(g.generate_all(prompts)) {
-            tokens += c.completion_tokens.unwrap_or(0);
-        }
+    let out: Vec<optimsyn_synth::Completion> = g
+        .generate_all(prompts)
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("generation failed: {e}")))
+        .collect();
+    Rep {
+        secs: start.elapsed().as_secs_f64(),
+        tokens: out.iter().map(|c| c.completion_tokens.unwrap_or(0)).sum(),
+        texts: out.into_iter().map(|c| c.text).collect(),
     }
-    let secs = start.elapsed().as_secs_f64();
-    Figures {
-        completions_per_s: (reps * prompts.len()) as f64 / secs,
-        tokens_per_s: tokens as f64 / secs,
-        texts: first.into_iter().map(|c| c.text).collect(),
-    }
+}
+
+/// Completions/s and tokens/s over the measured reps.
+fn rates(reps: &[Rep], prompts: usize) -> (f64, f64) {
+    let secs: f64 = reps.iter().map(|r| r.secs).sum();
+    let tokens: u64 = reps.iter().map(|r| r.tokens).sum();
+    ((reps.len() * prompts) as f64 / secs, tokens as f64 / secs)
 }
 
 fn main() {
@@ -103,37 +106,64 @@ fn main() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     // The local side runs on a thread of its own with the same thread count, as the server's
-    // model thread does, so the two differ only by the server and the HTTP client.
-    let l = std::thread::scope(|sc| {
-        sc.spawn(|| {
+    // model thread does, so the two differ only by the server and the HTTP client. It runs one
+    // rep per message, so the sides alternate.
+    let (local_reps, serve_reps) = std::thread::scope(|sc| {
+        let (go, todo) = mpsc::channel::<()>();
+        let (done, results) = mpsc::channel::<Rep>();
+        let (dir, params, prompts) = (&dir, &params, &prompts);
+        sc.spawn(move || {
             tch::set_num_threads(threads as i32);
-            let local = LocalGenerator::load(&dir, LoadOptions::default(), params.clone())
+            let local = LocalGenerator::load(dir, LoadOptions::default(), params.clone())
                 .unwrap_or_else(|e| panic!("{e}"))
                 .with_batch_size(8);
-            measure(&local, &prompts, reps)
-        })
-        .join()
-        .unwrap_or_else(|_| panic!("local side panicked"))
+            for () in todo {
+                if done.send(once(&local, prompts)).is_err() {
+                    return;
+                }
+            }
+        });
+        let local_once = || {
+            go.send(()).unwrap_or_else(|_| panic!("local side gone"));
+            results
+                .recv()
+                .unwrap_or_else(|_| panic!("local side panicked"))
+        };
+        let (mut l, mut s) = (vec![local_once()], vec![once(&client, prompts)]); // warm-ups
+        for _ in 0..reps {
+            l.push(local_once());
+            s.push(once(&client, prompts));
+        }
+        (l, s)
     });
-    let s = measure(&client, &prompts, reps);
     let stats = server.stats();
     server.shutdown();
-    assert_eq!(s.texts, l.texts, "greedy through the server equals local");
+    assert_eq!(
+        serve_reps[0].texts, local_reps[0].texts,
+        "greedy through the server equals local"
+    );
+    let (l_cps, l_tps) = rates(&local_reps[1..], prompts.len());
+    let (s_cps, s_tps) = rates(&serve_reps[1..], prompts.len());
+    let mut per_rep: Vec<f64> = local_reps[1..]
+        .iter()
+        .zip(&serve_reps[1..])
+        .map(|(l, s)| l.secs / s.secs)
+        .collect();
+    per_rep.sort_by(f64::total_cmp);
     println!(
         "serve bench ({}; 8 concurrent requests × {new_tokens} new tokens, greedy, {threads} threads, {reps} reps):",
         dir.display()
     );
+    println!("  local backend : {l_cps:8.2} completions/s {l_tps:9.1} tokens/s");
+    println!("  serve + HTTP  : {s_cps:8.2} completions/s {s_tps:9.1} tokens/s");
     println!(
-        "  local backend : {:8.2} completions/s {:9.1} tokens/s",
-        l.completions_per_s, l.tokens_per_s
-    );
-    println!(
-        "  serve + HTTP  : {:8.2} completions/s {:9.1} tokens/s",
-        s.completions_per_s, s.tokens_per_s
-    );
-    println!(
-        "  serve / local : {:.3} (server batches: {}, largest {} rows)",
-        s.completions_per_s / l.completions_per_s,
+        "  serve / local : {:.3} (per rep: {}; server batches: {}, largest {} rows)",
+        s_cps / l_cps,
+        per_rep
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         stats.batches,
         stats.max_batch_rows
     );

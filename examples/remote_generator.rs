@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use optimsyn_data_io::{SeedDoc, read_jsonl};
 use optimsyn_lm::LoadOptions;
-use optimsyn_synth::serve::{ServeConfig, Server};
+use optimsyn_serve::{ServeConfig, Server};
 use optimsyn_synth::{
     GenerationParams, OpenAiConfig, OpenAiGenerator, PolicyInfo, QaPrompt, QaTask, RubricSections,
     SynthRecord, Synthesizer,

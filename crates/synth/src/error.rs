@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Everything that can go wrong generating QA pairs or serving a model. Each variant names what is
+/// Everything that can go wrong generating QA pairs. Each variant names what is
 /// at fault: the file, the template, the endpoint URL, the prompt key or the setting.
 ///
 /// A generated text that is not a usable QA pair is not an error: it becomes a sample with a
@@ -81,15 +81,6 @@ pub enum Error {
         key: String,
         /// What went wrong.
         message: String,
-    },
-    /// The server could not bind its address or start its threads.
-    #[error("serve {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: String,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
     },
 }
 

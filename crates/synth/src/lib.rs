@@ -3,13 +3,14 @@
 //!
 //! Part of the [optimsyn](https://github.com/optimsyn/optimsyn) workspace. In the method, a frozen
 //! *generator* turns a seed document and a rubric (written by the trained policy) into one QA pair;
-//! this crate is that step, and the server that lets the generator live on another machine.
+//! this crate is that step.
 //!
 //! 1. [`QaPrompt`] renders the generator's conversation from the document, its domain and the
 //!    rubric's four [`RubricSections`] (built-in templates, or your own from files).
 //! 2. A [`Generator`] completes a batch of prompts: [`LocalGenerator`] runs an optimsyn-lm model in
 //!    this process; [`OpenAiGenerator`] calls any OpenAI-compatible `/v1/chat/completions` (vLLM,
-//!    SGLang, llama.cpp, [`serve`]) with bounded concurrency, a timeout and retries with backoff.
+//!    SGLang, llama.cpp, `optimsyn serve`) with bounded concurrency, a timeout and retries with
+//!    backoff.
 //!    Both seed each prompt the same way ([`request_seed`], [`stream_key`]), so the same seed gives
 //!    the same QA pairs locally and through `optimsyn serve`.
 //! 3. [`QaChecks`] extracts the QA object from the reply and checks it (it parses, question and
@@ -20,8 +21,8 @@
 //!    sample to a crash-safe [`SampleFile`] as soon as it is final, skips what a previous run
 //!    finished, and reports "generated N, kept M, rejected by reason" ([`SynthCounts`]).
 //!
-//! [`serve::Server`] is the other side: an OpenAI-compatible server for a local model
-//! (`optimsyn serve`), batching concurrent requests on its model thread.
+//! The server on the other side (`optimsyn serve`) is the `optimsyn-serve` crate; the wire format
+//! both speak is [`openai::wire`].
 //!
 //! ```no_run
 //! use optimsyn_data_io::SeedDoc;
@@ -50,10 +51,9 @@
 mod error;
 mod generator;
 mod local;
-mod openai;
+pub mod openai;
 mod prompt;
 mod qa;
-pub mod serve;
 mod synth;
 
 pub use error::{Error, Result};

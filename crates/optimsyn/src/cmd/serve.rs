@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use optimsyn_synth::serve::{ServeConfig, Server};
+use optimsyn_serve::{ServeConfig, Server};
 use serde_json::{Map, Value};
 
 /// Arguments of `serve`.

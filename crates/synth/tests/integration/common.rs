@@ -1,5 +1,5 @@
-//! Shared helpers: the tiny model, short prompts that fit its 64-token context, a running server,
-//! and a scripted HTTP server that misbehaves on purpose. All traffic stays on 127.0.0.1.
+//! Shared helpers: the tiny model, short prompts that fit its 64-token context, and a scripted
+//! HTTP server that misbehaves on purpose. All traffic stays on 127.0.0.1.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use optimsyn_data_io::{ChatMessage, ChatTokenizer};
 use optimsyn_lm::{CausalLm, LoadOptions};
-use optimsyn_synth::serve::{ServeConfig, Server, ServerHandle};
 use optimsyn_synth::{ChatPrompt, GenerationParams, LocalGenerator, QaPrompt};
 
 /// The tiny Qwen3 (vocab 320, context 64 tokens) with a ChatML template.
@@ -31,23 +30,6 @@ pub fn load_model() -> (CausalLm, ChatTokenizer) {
 pub fn local(params: GenerationParams) -> LocalGenerator {
     let (m, t) = load_model();
     LocalGenerator::new(m, t, params, MODEL).expect("local generator")
-}
-
-/// Starts a server for the tiny model on an ephemeral loopback port.
-pub fn start_server(config: ServeConfig) -> ServerHandle {
-    let (m, t) = load_model();
-    Server::new(
-        m,
-        t,
-        MODEL,
-        ServeConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-            ..config
-        },
-    )
-    .start()
-    .expect("server starts")
 }
 
 /// Generator templates short enough for the tiny model's context.
@@ -190,15 +172,4 @@ pub fn completion_body(content: &str) -> String {
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     })
     .to_string()
-}
-
-/// Sends raw bytes to `addr` and reads the reply until the server closes (bounded by a timeout).
-pub fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(bytes).expect("write");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -4,7 +4,5 @@ mod common;
 mod driver;
 mod faults;
 mod local;
-mod openai_python;
 mod prompts;
 mod qa_props;
-mod serve;

@@ -6,6 +6,10 @@
 //! up to `max_retries` times, after an exponential backoff (with `Retry-After` honoured, and a
 //! jitter derived from the prompt key so retries of a batch spread out). Other 4xx statuses are
 //! not retried. Every request is bounded by `timeout_secs`, so a run ends in bounded time.
+//!
+//! [`wire`] holds the wire format's serde types, shared with the server (`optimsyn-serve`).
+
+pub mod wire;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::generator::request_seed;
@@ -197,22 +201,27 @@ impl OpenAiGenerator {
     /// The request body for one prompt.
     pub fn request_body(&self, prompt: &ChatPrompt) -> Value {
         let p = &self.params;
-        let mut body = json!({
-            "model": self.config.model,
-            "messages": prompt.messages.iter()
-                .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-                .collect::<Vec<_>>(),
-            "max_tokens": p.max_new_tokens,
-            "temperature": p.temperature,
-            "seed": request_seed(p.seed, &prompt.key),
-            "stream": false,
-        });
-        if p.top_p < 1.0 {
-            body["top_p"] = json!(p.top_p);
-        }
-        if p.top_k > 0 {
-            body["top_k"] = json!(p.top_k);
-        }
+        let request = wire::ChatRequest {
+            model: self.config.model.clone(),
+            messages: prompt
+                .messages
+                .iter()
+                .map(|m| wire::RequestMessage {
+                    role: m.role.as_str().to_string(),
+                    content: Some(wire::Content::Text(m.content.clone())),
+                })
+                .collect(),
+            max_tokens: Some(i64::try_from(p.max_new_tokens).unwrap_or(i64::MAX)),
+            temperature: Some(p.temperature),
+            // request_seed is below 2^53, so it is exact in any JSON reader.
+            seed: Some(request_seed(p.seed, &prompt.key) as i64),
+            stream: Some(false),
+            top_p: (p.top_p < 1.0).then_some(p.top_p),
+            top_k: (p.top_k > 0).then(|| i64::try_from(p.top_k).unwrap_or(i64::MAX)),
+            ..Default::default()
+        };
+        let mut body = serde_json::to_value(&request)
+            .unwrap_or_else(|e| unreachable!("a chat request always serializes to JSON: {e}"));
         for (k, v) in &self.config.extra_body {
             body[k.as_str()] = v.clone();
         }
@@ -244,14 +253,9 @@ impl OpenAiGenerator {
         }
         let v: Value = serde_json::from_str(&body)
             .map_err(|e| fail(Failure::Malformed(format!("not JSON: {e}"))))?;
-        let data = v
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| fail(Failure::Malformed("no `data` list".into())))?;
-        Ok(data
-            .iter()
-            .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_string))
-            .collect())
+        let list: wire::ModelList =
+            wire::from_value_at(v).map_err(|(m, _)| fail(Failure::Malformed(m)))?;
+        Ok(list.data.into_iter().map(|m| m.id).collect())
     }
 
     fn error(&self, url: &str, f: Failure, attempts: u32) -> Error {
@@ -386,10 +390,12 @@ fn transport(e: ureq::Error) -> Failure {
 
 /// OpenAI's `error.message`, else the body (shortened).
 fn error_message(body: &str) -> String {
+    if let Ok(e) = serde_json::from_str::<wire::ErrorResponse>(body) {
+        return e.error.message;
+    }
     if let Ok(v) = serde_json::from_str::<Value>(body)
         && let Some(m) = v
-            .pointer("/error/message")
-            .or_else(|| v.get("message"))
+            .get("message")
             .or_else(|| v.get("detail"))
             .and_then(Value::as_str)
     {
@@ -408,50 +414,19 @@ fn error_message(body: &str) -> String {
 
 /// The completion in a chat-completions reply, or what is wrong with it.
 fn parse_completion(text: &str) -> std::result::Result<Completion, String> {
-    #[derive(Deserialize)]
-    struct Reply {
-        choices: Vec<Choice>,
-        #[serde(default)]
-        usage: Option<Usage>,
-    }
-    #[derive(Deserialize)]
-    struct Choice {
-        message: Message,
-        #[serde(default)]
-        finish_reason: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct Message {
-        #[serde(default)]
-        content: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct Usage {
-        #[serde(default)]
-        prompt_tokens: Option<u64>,
-        #[serde(default)]
-        completion_tokens: Option<u64>,
-    }
     let v: Value = serde_json::from_str(text).map_err(|e| {
         let head: String = text.chars().take(80).collect();
         format!("not JSON ({e}): {head:?}")
     })?;
-    let r: Reply = serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            e.inner().to_string()
-        } else {
-            format!("{path}: {}", e.inner())
-        }
-    })?;
+    let r: wire::ChatCompletion = wire::from_value_at(v).map_err(|(m, _)| m)?;
     let Some(first) = r.choices.into_iter().next() else {
         return Err("`choices` is empty".into());
     };
     Ok(Completion {
         text: first.message.content.unwrap_or_default(),
         finish_reason: FinishReason::parse(first.finish_reason.as_deref().unwrap_or("stop")),
-        prompt_tokens: r.usage.as_ref().and_then(|u| u.prompt_tokens),
-        completion_tokens: r.usage.as_ref().and_then(|u| u.completion_tokens),
+        prompt_tokens: r.usage.and_then(|u| u.prompt_tokens),
+        completion_tokens: r.usage.and_then(|u| u.completion_tokens),
     })
 }
 
@@ -510,6 +485,7 @@ impl Generator for OpenAiGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn replies_parse_or_say_what_is_wrong() {

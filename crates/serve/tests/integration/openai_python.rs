@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use optimsyn_data_io::ChatMessage;
-use optimsyn_synth::serve::ServeConfig;
+use optimsyn_serve::ServeConfig;
 use optimsyn_synth::{ChatPrompt, GenerationParams, Generator};
 use serde_json::{Value, json};
 

@@ -9,13 +9,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use optimsyn_data_io::ChatTokenizer;
 use optimsyn_lm::{CausalLm, FinishReason, Generation, SamplingParams};
-
-use crate::generator::stream_key;
+use optimsyn_synth::stream_key;
+use tokio::sync::oneshot;
 
 /// Sampling settings that must be equal for rows to share a `generate` call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,7 +47,8 @@ pub(crate) struct Job {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     pub seed: u64,
-    pub reply: Sender<Result<Vec<Generation>, String>>,
+    /// A oneshot, so the async handler awaits it without holding a thread.
+    pub reply: oneshot::Sender<Result<Vec<Generation>, String>>,
 }
 
 /// What the model thread receives.
@@ -65,6 +66,7 @@ pub(crate) struct Counters {
     pub rows: AtomicU64,
     pub max_rows: AtomicU64,
     pub errors: AtomicU64,
+    pub cancelled: AtomicU64,
 }
 
 /// The model thread's settings.
@@ -124,6 +126,15 @@ impl Engine {
     }
 
     fn run_jobs(&self, jobs: Vec<Job>) {
+        // A client that hung up while its job waited costs no generation.
+        let (jobs, gone): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| !j.reply.is_closed());
+        self.counters
+            .cancelled
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        if jobs.is_empty() {
+            return;
+        }
         self.counters
             .jobs
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);

@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use optimsyn_synth::serve::{ServeConfig, ServerHandle};
+use optimsyn_serve::{ServeConfig, ServerHandle};
 use optimsyn_synth::{
     GenerationParams, Generator, OpenAiConfig, OpenAiGenerator, PolicyInfo, SampleFile, SampleSink,
     SynthConfig, SynthRecord, Synthesizer,
 };
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, local, prompts, raw_request, start_server, tiny_prompt};
-use crate::local::tasks;
+use crate::common::{MODEL, local, prompts, raw_request, start_server, tasks, tiny_prompt};
 
 fn client(url: &str, params: GenerationParams, concurrency: usize) -> OpenAiGenerator {
     OpenAiGenerator::new(
@@ -75,7 +74,7 @@ fn http_backend_matches_the_local_backend_and_batches() {
     server.shutdown();
 }
 
-fn post(server: &ServerHandle, body: &Value) -> (u16, String) {
+pub fn post(server: &ServerHandle, body: &Value) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
@@ -91,7 +90,7 @@ fn post(server: &ServerHandle, body: &Value) -> (u16, String) {
     (status, r.body_mut().read_to_string().expect("body"))
 }
 
-fn chat(extra: Value) -> Value {
+pub fn chat(extra: Value) -> Value {
     let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi 0"}],
                        "max_tokens": 12, "temperature": 0});
     for (k, v) in extra.as_object().expect("object") {
@@ -101,7 +100,7 @@ fn chat(extra: Value) -> Value {
 }
 
 /// Concatenated `delta.content` of an SSE body, and whether it ended with `[DONE]`.
-fn sse_content(body: &str) -> (String, Vec<Value>, bool) {
+pub fn sse_content(body: &str) -> (String, Vec<Value>, bool) {
     let mut text = String::new();
     let mut chunks = Vec::new();
     let mut done = false;

@@ -1,0 +1,6 @@
+//! optimsyn-serve integration tests: one binary (one libtorch link), a module per area.
+
+mod abuse;
+mod common;
+mod openai_python;
+mod serve;
