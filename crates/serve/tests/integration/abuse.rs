@@ -413,3 +413,38 @@ fn shutdown_finishes_requests_in_progress_and_closes_idle_connections() {
     }
     assert!(TcpStream::connect(addr).is_err(), "no longer accepting");
 }
+
+#[test]
+fn slow_bodies_time_out_and_their_memory_is_bounded() {
+    // Bodies being read may hold 8 × 8 KiB together; each gets 2 s to arrive.
+    let server = start_server(ServeConfig {
+        max_body_bytes: 8192,
+        body_timeout_secs: 2,
+        ..Default::default()
+    });
+    let addr = server.local_addr();
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = connect(addr);
+            s.write_all(post_head(8000, "").as_bytes()).unwrap();
+            s.write_all(&[b' '; 7500]).unwrap();
+            s
+        })
+        .collect();
+    let statuses: Vec<u16> = slow.iter_mut().map(|s| status_of(&read_reply(s))).collect();
+    let busy = statuses.iter().filter(|&&s| s == 503).count();
+    let timed_out = statuses.iter().filter(|&&s| s == 408).count();
+    assert!(
+        busy >= 1,
+        "10 × 7500 bytes exceed the 64 KiB budget: {statuses:?}"
+    );
+    assert_eq!(busy + timed_out, 10, "{statuses:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "slow bodies were cut after {took:?}"
+    );
+    answers_promptly(&server, Duration::from_secs(3));
+    server.shutdown();
+}
