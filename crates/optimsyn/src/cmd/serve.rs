@@ -33,6 +33,13 @@ pub struct ServeArgs {
     /// Milliseconds to wait for more requests before starting a batch that is not full.
     #[arg(long, default_value_t = 5)]
     pub batch_wait_ms: u64,
+    /// Most chat completions in progress at once; one more gets a 503 with `Retry-After`.
+    #[arg(long, default_value_t = ServeConfig::default().max_active_requests)]
+    pub max_active_requests: usize,
+    /// Seconds a connection may take to send a request head (also the keep-alive idle time) or
+    /// leave its reply unread before it is closed.
+    #[arg(long, default_value_t = ServeConfig::default().idle_timeout_secs)]
+    pub idle_timeout_secs: u64,
     /// libtorch threads for the model (default: libtorch's, the machine's cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -57,6 +64,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         served_model_name: a.served_model_name,
         max_batch: a.max_batch,
         batch_wait_ms: a.batch_wait_ms,
+        max_active_requests: a.max_active_requests,
+        idle_timeout_secs: a.idle_timeout_secs,
         threads: a.threads,
         template_kwargs,
         ..ServeConfig::default()
