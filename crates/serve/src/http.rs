@@ -20,7 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use optimsyn_synth::openai::wire;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -106,6 +107,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
             .timer(TokioTimer::new())
             .header_read_timeout(idle)
             .max_header_size(shared.config.max_header_bytes)
+            // hyper's read and write buffers grow to this; the head must fit in the read one.
+            .max_buf_size(shared.config.max_header_bytes)
             .serve_connection(TimedIo::new(stream, idle), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -204,14 +207,14 @@ pub(crate) fn model_not_found(asked: &str, served: &str) -> ApiError {
 /// A connection whose writes fail once the client has read nothing for `limit`: a client that
 /// stops reading its reply must not hold a connection (and a request slot) forever. hyper has a
 /// timeout for reading heads, none for writing.
-struct TimedIo {
-    inner: TokioIo<TcpStream>,
+struct TimedIo<T> {
+    inner: TokioIo<T>,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl TimedIo {
-    fn new(stream: TcpStream, limit: Duration) -> Self {
+impl<T> TimedIo<T> {
+    fn new(stream: T, limit: Duration) -> Self {
         TimedIo {
             inner: TokioIo::new(stream),
             limit,
@@ -220,7 +223,7 @@ impl TimedIo {
     }
 
     /// After a write returned `Pending`: still pending, or timed out.
-    fn stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    fn stall<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
         let limit = self.limit;
         let sleep = self
             .stalled
@@ -234,7 +237,7 @@ impl TimedIo {
         }
     }
 
-    fn progress<T>(&mut self, cx: &mut Context<'_>, p: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn progress<R>(&mut self, cx: &mut Context<'_>, p: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         match p {
             Poll::Pending => self.stall(cx),
             ready => {
@@ -245,7 +248,7 @@ impl TimedIo {
     }
 }
 
-impl hyper::rt::Read for TimedIo {
+impl<T: AsyncRead + Unpin> hyper::rt::Read for TimedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -255,7 +258,7 @@ impl hyper::rt::Read for TimedIo {
     }
 }
 
-impl hyper::rt::Write for TimedIo {
+impl<T: AsyncWrite + Unpin> hyper::rt::Write for TimedIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -290,5 +293,77 @@ impl hyper::rt::Write for TimedIo {
         let this = self.get_mut();
         let p = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.progress(cx, p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Write;
+    use std::time::Instant;
+    use tokio::io::AsyncReadExt;
+
+    /// Writes `data` through `io`; the bytes written, and the error that stopped it, if any.
+    async fn write_all<T: AsyncWrite + Unpin>(
+        io: &mut TimedIo<T>,
+        data: &[u8],
+    ) -> (usize, Option<io::Error>) {
+        let mut sent = 0;
+        while sent < data.len() {
+            match std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, &data[sent..])).await
+            {
+                Ok(n) => sent += n,
+                Err(e) => return (sent, Some(e)),
+            }
+        }
+        (sent, None)
+    }
+
+    fn runtime() -> Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    #[test]
+    fn a_write_nobody_reads_times_out() {
+        runtime().block_on(async {
+            let (near, _far) = tokio::io::duplex(64);
+            let mut io = TimedIo::new(near, Duration::from_millis(150));
+            let start = Instant::now();
+            let (sent, err) =
+                tokio::time::timeout(Duration::from_secs(5), write_all(&mut io, &[7u8; 1024]))
+                    .await
+                    .expect("the stalled write ends by itself");
+            assert_eq!(sent, 64, "the pipe holds 64 bytes");
+            assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+            assert!(start.elapsed() >= Duration::from_millis(150));
+        });
+    }
+
+    #[test]
+    fn a_slow_reader_that_keeps_reading_is_not_cut() {
+        runtime().block_on(async {
+            let (near, mut far) = tokio::io::duplex(64);
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 32];
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    match far.read(&mut buf).await {
+                        Ok(0) | Err(_) => return got.len(),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            // Each stall is shorter than the limit, the whole write far longer.
+            let mut io = TimedIo::new(near, Duration::from_millis(150));
+            let (sent, err) = write_all(&mut io, &[7u8; 1024]).await;
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(sent, 1024);
+            drop(io);
+            assert_eq!(reader.await.expect("the reader"), 1024);
+        });
     }
 }

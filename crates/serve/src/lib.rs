@@ -94,7 +94,8 @@ pub struct ServeConfig {
     /// Largest request body in bytes (413 beyond). Bodies being read at once hold at most 8 times
     /// this much memory together; beyond that a request gets a 503. Default 16 MiB.
     pub max_body_bytes: usize,
-    /// Largest request head (request line and headers) in bytes (431 beyond). Default 64 KiB.
+    /// Largest request head (request line and headers) in bytes (431 beyond); also the most a
+    /// connection buffers for reading and for writing. Default 64 KiB.
     pub max_header_bytes: usize,
     /// Largest `n`. Default 16.
     pub max_n: u32,
