@@ -10,7 +10,7 @@ use clap::Args;
 use optimsyn_data_io::{ChatExample, read_jsonl};
 use serde::Serialize;
 
-use crate::pipeline;
+use optimsyn_pipeline as pipeline;
 
 /// Arguments of `analyze`.
 #[derive(Args)]

@@ -230,7 +230,7 @@ fn blank_card(output: Option<&Path>) -> DatasetCard {
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
     DatasetCard {
         dataset: name,
-        command: crate::pipeline::hygiene::command_line(),
+        command: optimsyn_pipeline::hygiene::command_line(),
         records: 0,
         kept: 0,
         rejected: Default::default(),

@@ -16,7 +16,7 @@ use optimsyn_influence::SubtaskAgg;
 use optimsyn_rl_grpo::Policy as _;
 
 use super::demo_world::{self, Catalogue};
-use crate::pipeline::{self, RewardRow, RunConfig, SeedPrompt, WarmupDiagnostics};
+use optimsyn_pipeline::{self as pipeline, RewardRow, RunConfig, SeedPrompt, WarmupDiagnostics};
 
 /// Arguments of `demo`.
 #[derive(Args)]
@@ -155,7 +155,7 @@ fn one_run(
         "demo: seed {}, subtask aggregation {agg}: training (GRPO, {} steps)",
         cfg.seed, cfg.steps
     );
-    let rows = pipeline::train(cfg)?;
+    let rows = super::run::train_and_plot(cfg)?;
     let seeds_p = pipeline::stage0(cfg)?;
     let m = pipeline::load_models(cfg)?;
     let rl = pipeline::stage3(cfg, &m, &seeds_p, true)?;

@@ -11,7 +11,7 @@ use optimsyn_data_io::{ChatExample, ChatMessage, read_jsonl};
 use optimsyn_rubric_policy::RubricPolicy;
 use serde::Deserialize;
 
-use crate::pipeline::{Models, RunConfig, SeedPrompt};
+use optimsyn_pipeline::{Models, RunConfig, SeedPrompt};
 
 /// One domain of `kinds.json`: the rubric forms the demo policy was taught and its fact kinds.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,10 +1,10 @@
 //! `optimsyn train` and `optimsyn synthesize`: the OptimSyn loop from a TOML config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::pipeline::{self, RunConfig};
+use optimsyn_pipeline::{self as pipeline, Progress, RewardRow, RunConfig};
 
 /// Arguments of `train` and `synthesize`.
 #[derive(Args)]
@@ -17,49 +17,54 @@ pub struct RunArgs {
     sets: Vec<String>,
 }
 
-/// Applies `key=value` overrides (dotted keys, TOML values) to a parsed config file.
-pub fn load_with_overrides(path: &std::path::Path, sets: &[String]) -> anyhow::Result<RunConfig> {
-    if sets.is_empty() {
-        return RunConfig::load(path);
+/// Reads a run config with `--set` overrides applied.
+pub fn load_with_overrides(path: &Path, sets: &[String]) -> anyhow::Result<RunConfig> {
+    Ok(RunConfig::load_with_overrides(path, sets)?)
+}
+
+/// Stages 0–2 with a progress bar, then the run's plot (`OUT/rl.svg`).
+pub fn train_and_plot(cfg: &RunConfig) -> anyhow::Result<Vec<RewardRow>> {
+    let rows = pipeline::train(cfg, &mut Bar::default())?;
+    let kl = pipeline::read_kl(&cfg.out.join("rl").join("metrics.jsonl"))?;
+    super::plot::rl_plot(&cfg.out, &rows, &kl)?;
+    Ok(rows)
+}
+
+/// Stage progress as an indicatif bar on standard error.
+#[derive(Default)]
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Progress for Bar {
+    fn start(&mut self, what: &str, total: u64, done: u64) {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} steps {{msg}} ({{elapsed}}, eta {{eta}})"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(done);
+        self.0 = Some(bar);
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-    let mut doc: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    for s in sets {
-        let (key, value) = s
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--set {s}: expected KEY=VALUE"))?;
-        let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-            Ok(mut t) => t
-                .remove("v")
-                .unwrap_or(toml::Value::String(value.to_string())),
-            Err(_) => toml::Value::String(value.to_string()),
-        };
-        let mut table = &mut doc;
-        let parts: Vec<&str> = key.split('.').collect();
-        for p in &parts[..parts.len() - 1] {
-            table = table
-                .entry(p.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .ok_or_else(|| anyhow::anyhow!("--set {s}: `{p}` is not a section"))?;
+
+    fn advance(&mut self, done: u64, message: &str) {
+        if let Some(b) = &self.0 {
+            b.set_position(done);
+            b.set_message(message.to_string());
         }
-        table.insert(parts[parts.len() - 1].to_string(), parsed);
     }
-    let merged = toml::to_string(&doc)?;
-    let mut cfg: RunConfig = toml::from_str(&merged)
-        .map_err(|e| anyhow::anyhow!("{} with --set: {}", path.display(), e.to_string().trim()))?;
-    cfg.resolve(path.parent().unwrap_or(std::path::Path::new(".")));
-    cfg.check()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(cfg)
+
+    fn finish(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 /// Runs `train` (stages 0–2).
 pub fn train(a: RunArgs) -> anyhow::Result<()> {
     let cfg = load_with_overrides(&a.config, &a.sets)?;
-    let rows = pipeline::train(&cfg)?;
+    let rows = train_and_plot(&cfg)?;
     if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
         println!(
             "{}",

@@ -9,7 +9,7 @@ use optimsyn_hygiene::{
 };
 use optimsyn_synth::SynthRecord;
 
-use super::config::{HygieneConfig, RunConfig};
+use crate::config::{HygieneConfig, RunConfig};
 
 /// The reference index and settings of one run.
 pub struct Hygiene {
@@ -20,7 +20,7 @@ pub struct Hygiene {
 
 impl Hygiene {
     /// Indexes `data.val`, `data.heldout` and `data.decontaminate` (unless decontamination is off).
-    pub fn load(cfg: &RunConfig) -> anyhow::Result<Hygiene> {
+    pub fn load(cfg: &RunConfig) -> crate::Result<Hygiene> {
         let h = cfg.hygiene.clone();
         if !h.decontaminate {
             return Ok(Hygiene {
@@ -53,13 +53,13 @@ impl Hygiene {
 
     /// Screens a dataset (the pool, a final dataset): decontamination as configured, then
     /// near-duplicate removal.
-    pub fn screen_dataset(&self, recs: &mut [SynthRecord]) -> anyhow::Result<ScreenCounts> {
+    pub fn screen_dataset(&self, recs: &mut [SynthRecord]) -> crate::Result<ScreenCounts> {
         self.screen(recs, self.cfg.contaminated, self.dedup())
     }
 
     /// Screens one GRPO step's rollouts: decontamination only (each rollout needs its own
     /// reward); overlapping ones are rejected only when `penalize_rollouts` is on.
-    pub fn screen_rollouts(&self, recs: &mut [SynthRecord]) -> anyhow::Result<ScreenCounts> {
+    pub fn screen_rollouts(&self, recs: &mut [SynthRecord]) -> crate::Result<ScreenCounts> {
         let action = if self.cfg.penalize_rollouts {
             OnContaminated::Drop
         } else {
@@ -73,7 +73,7 @@ impl Hygiene {
         recs: &mut [SynthRecord],
         on_contaminated: OnContaminated,
         dedup: Option<DedupConfig>,
-    ) -> anyhow::Result<ScreenCounts> {
+    ) -> crate::Result<ScreenCounts> {
         let mut samples: Vec<_> = recs.iter().map(|r| r.sample.clone()).collect();
         let screen = Screen {
             reference: self.reference.as_ref(),
@@ -93,7 +93,7 @@ impl Hygiene {
         dataset: &Path,
         recs: &[SynthRecord],
         counts: ScreenCounts,
-    ) -> anyhow::Result<()> {
+    ) -> crate::Result<()> {
         let settings = ScreenSettings {
             against: self.files.clone(),
             ngram: self.cfg.ngram,

@@ -2,11 +2,28 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use optimsyn_hygiene::OnContaminated;
 use optimsyn_influence::{Precond, SubtaskAgg};
 use optimsyn_rl_grpo::GrpoConfig;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `Err(Error::Config(..))` unless `cond`.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(Error::Config(format!($($msg)+)));
+        }
+    };
+}
+
+/// `Err(Error::Config(..))`.
+macro_rules! bail {
+    ($($msg:tt)+) => {
+        return Err(Error::Config(format!($($msg)+)))
+    };
+}
 
 /// How influence scores become rewards (the OptimSyn paper, arXiv 2604.00536, §3.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -405,15 +422,38 @@ fn default_steps() -> u64 {
 impl RunConfig {
     /// Reads a TOML config; unknown keys and wrong types are errors naming the key; relative
     /// paths are resolved against the file's folder; every input file must exist.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with_overrides(path, &[])
+    }
+
+    /// [`load`](Self::load) with `KEY=VALUE` overrides applied to the file first (dotted keys,
+    /// TOML values; a value that is not TOML is a string), e.g. `steps=20`,
+    /// `grpo.optimizer.lr=1e-5`.
+    pub fn load_with_overrides(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut cfg: RunConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve(base);
+            .map_err(|e| Error::Config(format!("cannot read config {}: {e}", path.display())))?;
+        let bad = |with: &str, e: toml::de::Error| {
+            Error::Config(format!(
+                "{}{with}: {}",
+                path.display(),
+                e.to_string().trim()
+            ))
+        };
+        // Without overrides the file is parsed as it is, so errors point at its line.
+        let mut cfg: RunConfig = if sets.is_empty() {
+            toml::from_str(&text).map_err(|e| bad("", e))?
+        } else {
+            let mut doc: toml::Table = toml::from_str(&text).map_err(|e| bad("", e))?;
+            for s in sets {
+                apply_override(&mut doc, s)?;
+            }
+            let merged = toml::to_string(&doc)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            toml::from_str(&merged).map_err(|e| bad(" with --set", e))?
+        };
+        cfg.resolve(path.parent().unwrap_or(Path::new(".")));
         cfg.check()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)
     }
 
@@ -450,9 +490,9 @@ impl RunConfig {
     }
 
     /// Checks values and that input files exist, naming the key.
-    pub fn check(&self) -> anyhow::Result<()> {
-        let exists = |key: &str, p: &Path| -> anyhow::Result<()> {
-            anyhow::ensure!(p.exists(), "key `{key}`: {} does not exist", p.display());
+    pub fn check(&self) -> Result<()> {
+        let exists = |key: &str, p: &Path| -> Result<()> {
+            ensure!(p.exists(), "key `{key}`: {} does not exist", p.display());
             Ok(())
         };
         exists("data.seeds", &self.data.seeds)?;
@@ -473,14 +513,14 @@ impl RunConfig {
                 || d == "cuda"
                 || d.strip_prefix("cuda:")
                     .is_some_and(|n| n.parse::<usize>().is_ok());
-            anyhow::ensure!(
+            ensure!(
                 known,
                 "key `{key}` (or `models.device`): `{d}` is not cpu, cuda or cuda:N"
             );
         }
         let h = &self.hygiene;
-        anyhow::ensure!(h.ngram >= 1, "key `hygiene.ngram`: must be at least 1");
-        anyhow::ensure!(
+        ensure!(h.ngram >= 1, "key `hygiene.ngram`: must be at least 1");
+        ensure!(
             (0.0..=1.0).contains(&h.dedup_threshold),
             "key `hygiene.dedup_threshold`: must be in [0, 1] (0: off), got {}",
             h.dedup_threshold
@@ -489,11 +529,11 @@ impl RunConfig {
         exists("models.target", &self.models.target)?;
         match (&self.models.generator, &self.models.generator_url) {
             (Some(g), None) => exists("models.generator", g)?,
-            (None, Some(_)) => anyhow::ensure!(
+            (None, Some(_)) => ensure!(
                 self.models.generator_model.is_some(),
                 "key `models.generator_model`: required with `models.generator_url`"
             ),
-            _ => anyhow::bail!("key `models.generator` / `models.generator_url`: give exactly one"),
+            _ => bail!("key `models.generator` / `models.generator_url`: give exactly one"),
         }
         for (k, p) in [
             ("prompts.policy_system", &self.prompts.policy_system),
@@ -505,31 +545,60 @@ impl RunConfig {
                 exists(k, p)?;
             }
         }
-        anyhow::ensure!(
+        ensure!(
             self.data.warmup_fraction > 0.0 && self.data.warmup_fraction <= 1.0,
             "key `data.warmup_fraction`: must be in (0, 1], got {}",
             self.data.warmup_fraction
         );
-        anyhow::ensure!(
+        ensure!(
             self.data.train_fraction > 0.0 && self.data.train_fraction <= 1.0,
             "key `data.train_fraction`: must be in (0, 1], got {}",
             self.data.train_fraction
         );
-        anyhow::ensure!(
+        ensure!(
             matches!(self.influence.dtype.as_str(), "f32" | "bf16" | "f16"),
             "key `influence.dtype`: `{}` is not f32, bf16 or f16",
             self.influence.dtype
         );
-        anyhow::ensure!(
+        ensure!(
             matches!(self.influence.projector.as_str(), "dense" | "sjlt"),
             "key `influence.projector`: `{}` is not dense or sjlt",
             self.influence.projector
         );
         self.grpo
             .validate()
-            .map_err(|e| anyhow::anyhow!("section `grpo`: {e}"))?;
+            .map_err(|e| Error::Config(format!("section `grpo`: {e}")))?;
         Ok(())
     }
+}
+
+/// Sets one dotted `KEY=VALUE` in a parsed config file.
+fn apply_override(doc: &mut toml::Table, s: &str) -> Result<()> {
+    let Some((key, value)) = s.split_once('=') else {
+        bail!("--set {s}: expected KEY=VALUE");
+    };
+    let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(value.to_string())),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, sections) = parts.split_last().unwrap_or((&"", &[]));
+    ensure!(!last.is_empty(), "--set {s}: empty key");
+    let mut table = doc;
+    for p in sections {
+        let Some(t) = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+        else {
+            bail!("--set {s}: `{p}` is not a section");
+        };
+        table = t;
+    }
+    table.insert(last.to_string(), parsed);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -640,6 +709,31 @@ mini_batch_prompts = 2
                 .to_string();
             assert!(err.contains(key), "{key}: {err}");
             assert!(err.contains("run.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn overrides_set_dotted_keys_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), OK);
+        let sets = ["steps=7", "grpo.optimizer.lr=0.5", "influence.projector=sjlt"]
+            .map(String::from);
+        let cfg = RunConfig::load_with_overrides(&path, &sets).unwrap();
+        assert_eq!(cfg.steps, 7);
+        assert_eq!(cfg.grpo.optimizer.lr, 0.5);
+        assert_eq!(cfg.influence.projector, "sjlt");
+        // Relative paths still resolve against the file's folder.
+        assert_eq!(cfg.out, dir.path().join("out"));
+        for (set, named) in [
+            ("steps", "expected KEY=VALUE"),
+            ("out.x=1", "`out` is not a section"),
+            ("stepz=1", "stepz"),
+            ("influence.projector=fancy", "influence.projector"),
+        ] {
+            let err = RunConfig::load_with_overrides(&path, &[set.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{set}: {err}");
         }
     }
 }
