@@ -438,6 +438,31 @@ pub fn grpo_loss(
     config: &LossConfig,
     norm: &StepNormalizer,
 ) -> Result<LossOutput> {
+    let checked = check_inputs(x, config)?;
+    let f = || -> TchResult<LossOutput> {
+        let terms = loss_terms(x, config, norm, &checked)?;
+        let stats = read_stats(x, config, &terms)?;
+        Ok(LossOutput {
+            loss: terms.loss,
+            stats,
+        })
+    };
+    f().op("GRPO loss")
+}
+
+/// What [`check_inputs`] established about a valid set of inputs.
+struct Checked<'a> {
+    /// Completions and their padded length.
+    b: i64,
+    t: i64,
+    /// The reference log-probs, when given (required with a KL term).
+    reference: Option<&'a Tensor>,
+    /// The `Constant` aggregation's length (0 for the others).
+    constant_length: f64,
+}
+
+/// Checks shapes, dtypes and the inputs `config` requires, naming the argument at fault.
+fn check_inputs<'a>(x: &LossInputs<'a>, config: &LossConfig) -> Result<Checked<'a>> {
     config.validate()?;
     let logp = x.logprobs;
     if logp.dim() != 2 {
@@ -461,8 +486,7 @@ pub fn grpo_loss(
     if let Some(o) = x.old_logprobs {
         check_like("old_logprobs", o, logp)?;
     }
-    let use_kl = config.kl_coef != 0.0;
-    let reference = if use_kl {
+    let reference = if config.kl_coef != 0.0 {
         let r = x.ref_logprobs.ok_or_else(|| {
             Error::tensor(
                 "ref_logprobs",
@@ -503,175 +527,310 @@ pub fn grpo_loss(
         _ => 0.0,
     };
 
-    let f = || -> TchResult<LossOutput> {
-        let kind = logp.kind();
-        let keep = x.mask.f_ne(0)?;
-        let maskf = keep.f_to_kind(kind)?;
-        let zeros = logp.f_zeros_like()?;
-        // Padding is inert: every per-token input is 0 there (ratio 1, KL 0, no NaN).
-        let lp = logp.f_where_self(&keep, &zeros)?;
-        let old = match x.old_logprobs {
-            Some(o) => o.f_detach()?.f_to_kind(kind)?.f_where_self(&keep, &zeros)?,
-            None => lp.f_detach()?,
-        };
-        let adv = x
-            .advantages
-            .f_detach()?
-            .f_to_kind(kind)?
-            .f_reshape([b, 1])?;
-        let lengths = maskf.f_sum_dim_intlist(&[1i64][..], true, kind)?; // [B, 1]
+    Ok(Checked {
+        b,
+        t,
+        reference,
+        constant_length,
+    })
+}
 
-        let mut log_ratio = lp.f_sub(&old)?;
-        if let Some(c) = config.log_ratio_clamp {
-            log_ratio = log_ratio.f_clamp(-c, c)?;
+/// The loss and the per-token tensors its metrics are read from.
+struct Terms {
+    loss: Tensor,
+    /// The aggregated policy (surrogate) term.
+    policy_term: Tensor,
+    /// The aggregated KL term (before β), when a reference was given.
+    kl_term: Option<Tensor>,
+    /// Per-token KL estimates and entropies (0 on padding).
+    kl: Option<Tensor>,
+    entropy: Option<Tensor>,
+    /// The mask as bool and as the log-probs' kind; completion lengths `[B, 1]`.
+    keep: Tensor,
+    maskf: Tensor,
+    lengths: Tensor,
+    /// Current and rollout log-probs (0 on padding), advantages `[B, 1]`, the ratio.
+    lp: Tensor,
+    old: Tensor,
+    adv: Tensor,
+    negative: Tensor,
+    ratio: Tensor,
+}
+
+/// The forward computation: ratios, the clipped surrogate, KL and entropy terms, aggregated.
+fn loss_terms(
+    x: &LossInputs<'_>,
+    config: &LossConfig,
+    norm: &StepNormalizer,
+    checked: &Checked<'_>,
+) -> TchResult<Terms> {
+    let (b, t) = (checked.b, checked.t);
+    let (reference, constant_length) = (checked.reference, checked.constant_length);
+    let use_kl = config.kl_coef != 0.0;
+    let logp = x.logprobs;
+    let kind = logp.kind();
+    let keep = x.mask.f_ne(0)?;
+    let maskf = keep.f_to_kind(kind)?;
+    let zeros = logp.f_zeros_like()?;
+    // Padding is inert: every per-token input is 0 there (ratio 1, KL 0, no NaN).
+    let lp = logp.f_where_self(&keep, &zeros)?;
+    let old = match x.old_logprobs {
+        Some(o) => o.f_detach()?.f_to_kind(kind)?.f_where_self(&keep, &zeros)?,
+        None => lp.f_detach()?,
+    };
+    let adv = x
+        .advantages
+        .f_detach()?
+        .f_to_kind(kind)?
+        .f_reshape([b, 1])?;
+    let lengths = maskf.f_sum_dim_intlist(&[1i64][..], true, kind)?; // [B, 1]
+
+    let mut log_ratio = lp.f_sub(&old)?;
+    if let Some(c) = config.log_ratio_clamp {
+        log_ratio = log_ratio.f_clamp(-c, c)?;
+    }
+    let log_ratio = match config.ratio_level {
+        RatioLevel::Token => log_ratio,
+        RatioLevel::Sequence => log_ratio
+            .f_mul(&maskf)?
+            .f_sum_dim_intlist(&[1i64][..], true, kind)?
+            .f_div(&lengths.f_clamp_min(1.0)?)?,
+    };
+    let ratio = log_ratio.f_exp()?; // [B, T] or [B, 1]
+    let neg_adv = adv.f_neg()?;
+    let pg1 = neg_adv.f_mul(&ratio)?;
+    let pg2 = neg_adv.f_mul(&ratio.f_clamp(1.0 - config.clip_low, 1.0 + config.clip_high)?)?;
+    let clipped = pg1.f_maximum(&pg2)?;
+    let negative = adv.f_lt(0.0)?;
+    let pg = match config.dual_clip {
+        Some(c) => {
+            let pg3 = neg_adv.f_mul_scalar(c)?;
+            clipped.f_minimum(&pg3)?.f_where_self(&negative, &clipped)?
         }
-        let log_ratio = match config.ratio_level {
-            RatioLevel::Token => log_ratio,
-            RatioLevel::Sequence => log_ratio
-                .f_mul(&maskf)?
-                .f_sum_dim_intlist(&[1i64][..], true, kind)?
-                .f_div(&lengths.f_clamp_min(1.0)?)?,
-        };
-        let ratio = log_ratio.f_exp()?; // [B, T] or [B, 1]
-        let neg_adv = adv.f_neg()?;
-        let pg1 = neg_adv.f_mul(&ratio)?;
-        let pg2 = neg_adv.f_mul(&ratio.f_clamp(1.0 - config.clip_low, 1.0 + config.clip_high)?)?;
-        let clipped = pg1.f_maximum(&pg2)?;
-        let negative = adv.f_lt(0.0)?;
-        let pg = match config.dual_clip {
-            Some(c) => {
-                let pg3 = neg_adv.f_mul_scalar(c)?;
-                clipped.f_minimum(&pg3)?.f_where_self(&negative, &clipped)?
-            }
-            None => clipped,
-        };
-        let pg = pg.f_expand([b, t], false)?;
+        None => clipped,
+    };
+    let pg = pg.f_expand([b, t], false)?;
 
-        let kl = match reference {
-            Some(r) => {
-                let r = r.f_detach()?.f_to_kind(kind)?.f_where_self(&keep, &zeros)?;
-                Some(kl_tensor(
-                    &lp,
-                    &r,
-                    config.kl_estimator,
-                    config.log_ratio_clamp,
-                    config.kl_clamp,
-                )?)
-            }
-            None => None,
-        };
-
-        // Per-token weights of the aggregation, normalized by the whole optimizer step.
-        let weights = match config.aggregation {
-            Aggregation::TokenMean => maskf.f_div_scalar(norm.tokens.max(1.0))?,
-            Aggregation::SeqMeanTokenMean => maskf
-                .f_div(&lengths.f_clamp_min(1.0)?)?
-                .f_div_scalar(norm.sequences.max(1.0))?,
-            Aggregation::Constant { .. } => {
-                maskf.f_div_scalar((norm.sequences * constant_length).max(1.0))?
-            }
-        };
-        let policy_term = pg.f_mul(&weights)?.f_sum(kind)?;
-        let mut loss = policy_term.shallow_clone();
-        let kl_term = match &kl {
-            Some(k) if use_kl => {
-                let term = k.f_mul(&weights)?.f_sum(kind)?;
-                loss = loss.f_add(&term.f_mul_scalar(config.kl_coef)?)?;
-                Some(term)
-            }
-            Some(k) => Some(k.f_mul(&weights)?.f_sum(kind)?),
-            None => None,
-        };
-        let entropy = match x.entropy {
-            Some(h) => Some(h.f_to_kind(kind)?.f_where_self(&keep, &zeros)?),
-            None => None,
-        };
-        if let Some(h) = &entropy
-            && config.entropy_coef != 0.0
-        {
-            let bonus = h
-                .f_mul(&maskf)?
-                .f_sum(kind)?
-                .f_div_scalar(norm.tokens.max(1.0))?;
-            loss = loss.f_sub(&bonus.f_mul_scalar(config.entropy_coef)?)?;
+    let kl = match reference {
+        Some(r) => {
+            let r = r.f_detach()?.f_to_kind(kind)?.f_where_self(&keep, &zeros)?;
+            Some(kl_tensor(
+                &lp,
+                &r,
+                config.kl_estimator,
+                config.log_ratio_clamp,
+                config.kl_clamp,
+            )?)
         }
+        None => None,
+    };
 
-        // Metric sums, read back in one transfer.
-        let _guard = tch::no_grad_guard();
-        let ratio_tok = ratio.f_expand([b, t], false)?;
-        let pos = adv.f_gt(0.0)?;
-        let masked_count =
-            |cond: &Tensor| -> TchResult<Tensor> { cond.f_logical_and(&keep)?.f_sum(Kind::Double) };
-        let low = masked_count(
+    // Per-token weights of the aggregation, normalized by the whole optimizer step.
+    let weights = match config.aggregation {
+        Aggregation::TokenMean => maskf.f_div_scalar(norm.tokens.max(1.0))?,
+        Aggregation::SeqMeanTokenMean => maskf
+            .f_div(&lengths.f_clamp_min(1.0)?)?
+            .f_div_scalar(norm.sequences.max(1.0))?,
+        Aggregation::Constant { .. } => {
+            maskf.f_div_scalar((norm.sequences * constant_length).max(1.0))?
+        }
+    };
+    let policy_term = pg.f_mul(&weights)?.f_sum(kind)?;
+    let mut loss = policy_term.shallow_clone();
+    let kl_term = match &kl {
+        Some(k) if use_kl => {
+            let term = k.f_mul(&weights)?.f_sum(kind)?;
+            loss = loss.f_add(&term.f_mul_scalar(config.kl_coef)?)?;
+            Some(term)
+        }
+        Some(k) => Some(k.f_mul(&weights)?.f_sum(kind)?),
+        None => None,
+    };
+    let entropy = match x.entropy {
+        Some(h) => Some(h.f_to_kind(kind)?.f_where_self(&keep, &zeros)?),
+        None => None,
+    };
+    if let Some(h) = &entropy
+        && config.entropy_coef != 0.0
+    {
+        let bonus = h
+            .f_mul(&maskf)?
+            .f_sum(kind)?
+            .f_div_scalar(norm.tokens.max(1.0))?;
+        loss = loss.f_sub(&bonus.f_mul_scalar(config.entropy_coef)?)?;
+    }
+
+    Ok(Terms {
+        loss,
+        policy_term,
+        kl_term,
+        kl,
+        entropy,
+        keep,
+        maskf,
+        lengths,
+        lp,
+        old,
+        adv,
+        negative,
+        ratio,
+    })
+}
+
+/// The metric sums of one micro-batch, by name; [`read_stats`] moves all of them to the host in
+/// one transfer (a stacked tensor), in the order of [`MetricSums::into_array`].
+struct MetricSums<T> {
+    tokens: T,
+    sequences: T,
+    policy_loss: T,
+    kl_loss: T,
+    kl_sum: T,
+    entropy_sum: T,
+    clip_low: T,
+    clip_high: T,
+    dual_clip: T,
+    ppo_kl_sum: T,
+    ratio_max: T,
+    ratio_min: T,
+}
+
+impl<T> MetricSums<T> {
+    fn into_array(self) -> [T; 12] {
+        [
+            self.tokens,
+            self.sequences,
+            self.policy_loss,
+            self.kl_loss,
+            self.kl_sum,
+            self.entropy_sum,
+            self.clip_low,
+            self.clip_high,
+            self.dual_clip,
+            self.ppo_kl_sum,
+            self.ratio_max,
+            self.ratio_min,
+        ]
+    }
+
+    fn from_array(a: [T; 12]) -> Self {
+        let [
+            tokens,
+            sequences,
+            policy_loss,
+            kl_loss,
+            kl_sum,
+            entropy_sum,
+            clip_low,
+            clip_high,
+            dual_clip,
+            ppo_kl_sum,
+            ratio_max,
+            ratio_min,
+        ] = a;
+        MetricSums {
+            tokens,
+            sequences,
+            policy_loss,
+            kl_loss,
+            kl_sum,
+            entropy_sum,
+            clip_low,
+            clip_high,
+            dual_clip,
+            ppo_kl_sum,
+            ratio_max,
+            ratio_min,
+        }
+    }
+}
+
+/// The micro-batch's metric sums (clip counts, KL, entropy, ratio range), without gradients.
+fn read_stats(x: &LossInputs<'_>, config: &LossConfig, terms: &Terms) -> TchResult<LossStats> {
+    let _guard = tch::no_grad_guard();
+    let logp = x.logprobs;
+    let (b, t) = (logp.size()[0], logp.size()[1]);
+    let kind = logp.kind();
+    let Terms {
+        keep,
+        maskf,
+        lengths,
+        lp,
+        old,
+        adv,
+        negative,
+        ratio,
+        ..
+    } = terms;
+    let ratio_tok = ratio.f_expand([b, t], false)?;
+    let pos = adv.f_gt(0.0)?;
+    let masked_count =
+        |cond: &Tensor| -> TchResult<Tensor> { cond.f_logical_and(keep)?.f_sum(Kind::Double) };
+    let zero = || Tensor::f_zeros([], (Kind::Double, logp.device()));
+    let big = Tensor::f_full([b, t], f64::INFINITY, (kind, logp.device()))?;
+    let (rmax, rmin) = if b * t > 0 {
+        (
+            ratio_tok.f_where_self(keep, &big.f_neg()?)?.f_max()?,
+            ratio_tok.f_where_self(keep, &big)?.f_min()?,
+        )
+    } else {
+        (zero()?, zero()?)
+    };
+    let masked_sum = |v: &Option<Tensor>| match v {
+        Some(v) => v.f_mul(maskf)?.f_sum(Kind::Double),
+        None => zero(),
+    };
+    let sums = MetricSums {
+        tokens: maskf.f_sum(Kind::Double)?,
+        sequences: lengths.f_gt(0.0)?.f_sum(Kind::Double)?,
+        policy_loss: terms.policy_term.f_detach()?.f_to_kind(Kind::Double)?,
+        kl_loss: match &terms.kl_term {
+            Some(k) => k.f_detach()?.f_to_kind(Kind::Double)?,
+            None => zero()?,
+        },
+        kl_sum: masked_sum(&terms.kl)?,
+        entropy_sum: masked_sum(&terms.entropy)?,
+        clip_low: masked_count(
             &ratio_tok
                 .f_lt(1.0 - config.clip_low)?
-                .f_logical_and(&negative)?,
-        )?;
-        let high = masked_count(
+                .f_logical_and(negative)?,
+        )?,
+        clip_high: masked_count(
             &ratio_tok
                 .f_gt(1.0 + config.clip_high)?
                 .f_logical_and(&pos)?,
-        )?;
-        let dual = match config.dual_clip {
-            Some(c) => masked_count(&ratio_tok.f_gt(c)?.f_logical_and(&negative)?)?,
-            None => Tensor::f_zeros([], (Kind::Double, logp.device()))?,
-        };
-        let zero = || Tensor::f_zeros([], (Kind::Double, logp.device()));
-        let big = Tensor::f_full([b, t], f64::INFINITY, (kind, logp.device()))?;
-        let (rmax, rmin) = if b * t > 0 {
-            (
-                ratio_tok.f_where_self(&keep, &big.f_neg()?)?.f_max()?,
-                ratio_tok.f_where_self(&keep, &big)?.f_min()?,
-            )
-        } else {
-            (zero()?, zero()?)
-        };
-        let kl_sum = match &kl {
-            Some(k) => k.f_mul(&maskf)?.f_sum(Kind::Double)?,
+        )?,
+        dual_clip: match config.dual_clip {
+            Some(c) => masked_count(&ratio_tok.f_gt(c)?.f_logical_and(negative)?)?,
             None => zero()?,
-        };
-        let ent_sum = match &entropy {
-            Some(h) => h.f_mul(&maskf)?.f_sum(Kind::Double)?,
-            None => zero()?,
-        };
-        let parts = [
-            maskf.f_sum(Kind::Double)?,
-            lengths.f_gt(0.0)?.f_sum(Kind::Double)?,
-            policy_term.f_detach()?.f_to_kind(Kind::Double)?,
-            match &kl_term {
-                Some(k) => k.f_detach()?.f_to_kind(Kind::Double)?,
-                None => zero()?,
-            },
-            kl_sum,
-            ent_sum,
-            low,
-            high,
-            dual,
-            old.f_sub(&lp)?.f_mul(&maskf)?.f_sum(Kind::Double)?,
-            rmax.f_to_kind(Kind::Double)?,
-            rmin.f_to_kind(Kind::Double)?,
-        ];
-        let v = Vec::<f64>::try_from(&Tensor::f_stack(&parts, 0)?)?;
-        let tokens = v[0];
-        let stats = LossStats {
-            tokens,
-            sequences: v[1],
-            policy_loss: v[2],
-            kl_loss: v[3],
-            kl_sum: v[4],
-            kl_tokens: if kl.is_some() { tokens } else { 0.0 },
-            entropy_sum: v[5],
-            entropy_tokens: if entropy.is_some() { tokens } else { 0.0 },
-            clip_low: v[6],
-            clip_high: v[7],
-            dual_clip: v[8],
-            ppo_kl_sum: v[9],
-            ratio_max: if tokens > 0.0 { v[10] } else { 1.0 },
-            ratio_min: if tokens > 0.0 { v[11] } else { 1.0 },
-        };
-        Ok(LossOutput { loss, stats })
+        },
+        ppo_kl_sum: old.f_sub(lp)?.f_mul(maskf)?.f_sum(Kind::Double)?,
+        ratio_max: rmax.f_to_kind(Kind::Double)?,
+        ratio_min: rmin.f_to_kind(Kind::Double)?,
     };
-    f().op("GRPO loss")
+    let stacked = Tensor::f_stack(&sums.into_array(), 0)?;
+    let v: [f64; 12] = Vec::<f64>::try_from(&stacked)?
+        .try_into()
+        .map_err(|v: Vec<f64>| {
+            tch::TchError::Shape(format!("{} metric sums read back, not 12", v.len()))
+        })?;
+    let m = MetricSums::from_array(v);
+    let tokens = m.tokens;
+    Ok(LossStats {
+        tokens,
+        sequences: m.sequences,
+        policy_loss: m.policy_loss,
+        kl_loss: m.kl_loss,
+        kl_sum: m.kl_sum,
+        kl_tokens: if terms.kl.is_some() { tokens } else { 0.0 },
+        entropy_sum: m.entropy_sum,
+        entropy_tokens: if terms.entropy.is_some() { tokens } else { 0.0 },
+        clip_low: m.clip_low,
+        clip_high: m.clip_high,
+        dual_clip: m.dual_clip,
+        ppo_kl_sum: m.ppo_kl_sum,
+        ratio_max: if tokens > 0.0 { m.ratio_max } else { 1.0 },
+        ratio_min: if tokens > 0.0 { m.ratio_min } else { 1.0 },
+    })
 }
 
 #[cfg(test)]
