@@ -521,9 +521,40 @@ impl<P: Policy> Trainer<P> {
         let start = Instant::now();
         let step = self.step + 1;
         let g = self.config.group_size;
-        let n = prompts.len() * g;
+        let batch = self.rollouts(prompts, step)?;
+        let t_rollout = start.elapsed().as_secs_f64();
+        let rewards = checked_rewards(reward, &batch)?;
+        let adv = compute_advantages(&rewards, g, &self.config.advantage)?;
+        let t_reward = start.elapsed().as_secs_f64();
+        let rows: Vec<usize> = (0..rewards.len())
+            .filter(|&r| !(self.config.skip_zero_variance_groups && adv.zero_variance[r / g]))
+            .collect();
+        let stores = self.logprob_stores(&batch, &rows)?;
+        let t_logprobs = start.elapsed().as_secs_f64();
+        let update = self.update(&batch, &rows, &adv.values, &stores)?;
+        let t_update = start.elapsed().as_secs_f64();
+        self.step = step;
+        let time = StepTimes {
+            rollout_s: t_rollout,
+            reward_s: t_reward - t_rollout,
+            logprobs_s: t_logprobs - t_reward,
+            update_s: t_update - t_logprobs,
+            total_s: t_update,
+        };
+        Ok(self.step_metrics(
+            &batch,
+            data_epoch,
+            &rewards,
+            &adv,
+            rows.len(),
+            &update,
+            time,
+        ))
+    }
 
-        // Rollouts.
+    /// Samples `group_size` completions per prompt from the policy, on the step's seed.
+    fn rollouts(&mut self, prompts: &[Prompt], step: u64) -> Result<RolloutBatch> {
+        let g = self.config.group_size;
         let request = SampleRequest {
             prompts: prompts.iter().map(|p| p.tokens.as_slice()).collect(),
             group_size: g,
@@ -532,8 +563,8 @@ impl<P: Policy> Trainer<P> {
             sampling: self.config.rollout,
         };
         let completions = self.policy.sample(&request).map_err(policy_err("sample"))?;
-        self.check_completions(&completions, n)?;
-        let batch = RolloutBatch {
+        self.check_completions(&completions, prompts.len() * g)?;
+        Ok(RolloutBatch {
             step,
             group_size: g,
             prompts: prompts.to_vec(),
@@ -546,167 +577,181 @@ impl<P: Policy> Trainer<P> {
                     completion,
                 })
                 .collect(),
-        };
-        let t_rollout = start.elapsed().as_secs_f64();
+        })
+    }
 
-        // Rewards and advantages.
-        let rewards = reward
-            .score(&batch)
-            .map_err(|source| Error::Reward { step, source })?;
-        if rewards.len() != n {
-            return Err(Error::RewardOutput {
-                step,
-                message: format!("{n} rollouts but {} rewards", rewards.len()),
-            });
-        }
-        if let Some(i) = rewards.iter().position(|r| !r.is_finite()) {
-            return Err(Error::RewardOutput {
-                step,
-                message: format!(
-                    "reward of rollout {i} (prompt `{}`, sample {}) is {}",
-                    prompts[i / g].id,
-                    i % g,
-                    rewards[i]
-                ),
-            });
-        }
-        let adv = compute_advantages(&rewards, g, &self.config.advantage)?;
-        let t_reward = start.elapsed().as_secs_f64();
-
-        let lens: Vec<usize> = batch
-            .rollouts
-            .iter()
-            .map(|r| r.completion.tokens.len())
-            .collect();
-        let rows: Vec<usize> = (0..n)
-            .filter(|&r| !(self.config.skip_zero_variance_groups && adv.zero_variance[r / g]))
-            .collect();
-        let mini_rows = self.config.mini_batch_prompts * g;
-        let minis_per_epoch = rows.len().div_ceil(mini_rows);
-
-        // Old and reference log-probs, before any update.
+    /// Old and reference log-probs of the trained rows, before any update (each only where the
+    /// configuration needs it).
+    fn logprob_stores(&mut self, batch: &RolloutBatch, rows: &[usize]) -> Result<Stores> {
+        let minis_per_epoch = rows
+            .len()
+            .div_ceil(self.config.mini_batch_prompts * self.config.group_size);
         let need_old = match self.config.old_logprobs {
             OldLogprobs::Auto => self.config.epochs > 1 || minis_per_epoch > 1,
             OldLogprobs::Recompute => true,
             OldLogprobs::Sampler => false,
         };
-        let old_store = if need_old {
-            Some(self.nograd_store(&batch, &rows, Source::Policy)?)
+        let old = if need_old {
+            Some(self.nograd_store(batch, rows, Source::Policy)?)
         } else if self.config.old_logprobs == OldLogprobs::Sampler {
-            Some(self.sampler_store(&batch, &rows)?)
+            Some(self.sampler_store(batch, rows)?)
         } else {
             None
         };
-        let ref_store = if self.loss.kl_coef != 0.0 {
-            Some(self.nograd_store(&batch, &rows, Source::Reference)?)
+        let reference = if self.loss.kl_coef != 0.0 {
+            Some(self.nograd_store(batch, rows, Source::Reference)?)
         } else {
             None
         };
-        let t_logprobs = start.elapsed().as_secs_f64();
+        Ok(Stores { old, reference })
+    }
 
-        // Updates.
-        let want_entropy = self.loss.entropy_coef != 0.0 || self.config.log_entropy;
-        let mut stats = LossStats::default();
-        let (mut loss_sum, mut policy_sum, mut norm_sum, mut opt_steps) = (0.0, 0.0, 0.0, 0u64);
-        let mut lr = self.optimizer.lr();
+    /// The optimizer steps of one GRPO step: `epochs` passes over the trained rows in
+    /// mini-batches (shuffled per epoch on the step's stream if configured).
+    fn update(
+        &mut self,
+        batch: &RolloutBatch,
+        rows: &[usize],
+        advantages: &[f64],
+        stores: &Stores,
+    ) -> Result<UpdateSums> {
+        let lens = completion_lengths(batch);
+        let mini_rows = self.config.mini_batch_prompts * self.config.group_size;
+        let mut sums = UpdateSums {
+            lr: self.optimizer.lr(),
+            ..UpdateSums::default()
+        };
         for epoch in 0..self.config.epochs {
             let order: Vec<usize> = if self.config.shuffle_mini_batches {
-                let mut rng = stream(self.config.seed, DOMAIN_MINIBATCH, mix(step, epoch as u64));
+                let key = mix(batch.step, epoch as u64);
+                let mut rng = stream(self.config.seed, DOMAIN_MINIBATCH, key);
                 permutation(rows.len(), &mut rng)
                     .into_iter()
                     .map(|i| rows[i])
                     .collect()
             } else {
-                rows.clone()
+                rows.to_vec()
             };
             for mini in order.chunks(mini_rows) {
-                let norm = StepNormalizer::from_lengths(mini.iter().map(|&r| lens[r]));
-                self.optimizer.zero_grad();
-                let mut step_loss = 0.0;
-                let mut step_policy = 0.0;
-                for micro in mini.chunks(self.config.micro_batch_size) {
-                    if micro.iter().all(|&r| lens[r] == 0) {
-                        continue;
-                    }
-                    let (value, s) = self.micro_step(
-                        &batch,
-                        micro,
-                        &adv.values,
-                        old_store.as_ref(),
-                        ref_store.as_ref(),
-                        &norm,
-                        want_entropy,
-                    )?;
-                    step_loss += value;
-                    step_policy += s.policy_loss;
-                    stats.merge(&s);
-                }
-                lr = self
-                    .optimizer
-                    .set_scheduled_lr(&self.schedule, self.config.optimizer.lr);
-                let measured = match self.config.optimizer.max_grad_norm {
-                    Some(max) => self.optimizer.clip_grad_norm(max),
-                    None => self.optimizer.grad_norm().and_then(|v| {
-                        if v.is_finite() {
-                            Ok(v)
-                        } else {
-                            Err(optimsyn_optim::Error::NonFiniteGradNorm { norm: v })
-                        }
-                    }),
-                };
-                let grad_norm = match measured {
-                    Ok(v) => v,
-                    Err(optimsyn_optim::Error::NonFiniteGradNorm { norm }) => {
-                        self.optimizer.zero_grad();
-                        return Err(Error::NonFinite {
-                            step,
-                            what: "gradient norm",
-                            value: norm,
-                            prompts: prompt_ids(&batch, mini),
-                        });
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                self.optimizer.step()?;
-                loss_sum += step_loss;
-                policy_sum += step_policy;
-                norm_sum += grad_norm;
-                opt_steps += 1;
+                self.mini_batch_step(batch, mini, &lens, advantages, stores, &mut sums)?;
             }
         }
         self.optimizer.zero_grad();
-        let t_update = start.elapsed().as_secs_f64();
-        self.step = step;
+        Ok(sums)
+    }
 
+    /// One optimizer step over the micro-batches of `mini`, with the gradient norm checked (and
+    /// clipped if configured) before it is applied.
+    fn mini_batch_step(
+        &mut self,
+        batch: &RolloutBatch,
+        mini: &[usize],
+        lens: &[usize],
+        advantages: &[f64],
+        stores: &Stores,
+        sums: &mut UpdateSums,
+    ) -> Result<()> {
+        let want_entropy = self.loss.entropy_coef != 0.0 || self.config.log_entropy;
+        let norm = StepNormalizer::from_lengths(mini.iter().map(|&r| lens[r]));
+        self.optimizer.zero_grad();
+        let (mut step_loss, mut step_policy) = (0.0, 0.0);
+        for micro in mini.chunks(self.config.micro_batch_size) {
+            if micro.iter().all(|&r| lens[r] == 0) {
+                continue;
+            }
+            let (value, s) = self.micro_step(
+                batch,
+                micro,
+                advantages,
+                stores.old.as_ref(),
+                stores.reference.as_ref(),
+                &norm,
+                want_entropy,
+            )?;
+            step_loss += value;
+            step_policy += s.policy_loss;
+            sums.stats.merge(&s);
+        }
+        sums.lr = self
+            .optimizer
+            .set_scheduled_lr(&self.schedule, self.config.optimizer.lr);
+        let measured = match self.config.optimizer.max_grad_norm {
+            Some(max) => self.optimizer.clip_grad_norm(max),
+            None => self.optimizer.grad_norm().and_then(|v| {
+                if v.is_finite() {
+                    Ok(v)
+                } else {
+                    Err(optimsyn_optim::Error::NonFiniteGradNorm { norm: v })
+                }
+            }),
+        };
+        let grad_norm = match measured {
+            Ok(v) => v,
+            Err(optimsyn_optim::Error::NonFiniteGradNorm { norm }) => {
+                self.optimizer.zero_grad();
+                return Err(Error::NonFinite {
+                    step: batch.step,
+                    what: "gradient norm",
+                    value: norm,
+                    prompts: prompt_ids(batch, mini),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.optimizer.step()?;
+        sums.loss += step_loss;
+        sums.policy_loss += step_policy;
+        sums.grad_norm += grad_norm;
+        sums.optimizer_steps += 1;
+        Ok(())
+    }
+
+    /// The step's metrics row.
+    #[allow(clippy::too_many_arguments)]
+    fn step_metrics(
+        &self,
+        batch: &RolloutBatch,
+        data_epoch: u64,
+        rewards: &[f64],
+        adv: &crate::advantage::Advantages,
+        trained_rollouts: usize,
+        u: &UpdateSums,
+        time: StepTimes,
+    ) -> StepMetrics {
+        let n = batch.rollouts.len();
+        let prompts = batch.prompts.len();
         let per_opt = |v: f64| {
-            if opt_steps > 0 {
-                v / opt_steps as f64
+            if u.optimizer_steps > 0 {
+                v / u.optimizer_steps as f64
             } else {
                 0.0
             }
         };
+        let lens = completion_lengths(batch);
         let lengths: Vec<f64> = lens.iter().map(|&l| l as f64).collect();
         let truncated = batch
             .rollouts
             .iter()
             .filter(|r| r.completion.truncated)
             .count();
-        Ok(StepMetrics {
-            step,
+        let stats = &u.stats;
+        let ratio = |v: f64| if stats.tokens > 0.0 { v } else { 1.0 };
+        StepMetrics {
+            step: batch.step,
             data_epoch,
-            prompts: prompts.len(),
+            prompts,
             rollouts: n,
-            reward: Summary::of(&rewards),
+            reward: Summary::of(rewards),
             advantage: Summary::of(&adv.values),
             zero_variance_groups: adv.zero_variance_groups,
-            frac_zero_variance: adv.zero_variance_groups as f64 / prompts.len() as f64,
+            frac_zero_variance: adv.zero_variance_groups as f64 / prompts as f64,
             floored_groups: adv.floored_groups,
-            trained_rollouts: rows.len(),
+            trained_rollouts,
             completion_length: Summary::of(&lengths),
             truncated_fraction: truncated as f64 / n as f64,
             completion_tokens: lens.iter().sum(),
-            loss: per_opt(loss_sum),
-            policy_loss: per_opt(policy_sum),
+            loss: per_opt(u.loss),
+            policy_loss: per_opt(u.policy_loss),
             kl: stats.kl(),
             entropy: stats.entropy(),
             clip_fraction: stats.clip_fraction(),
@@ -714,27 +759,13 @@ impl<P: Policy> Trainer<P> {
             clip_high_fraction: stats.clip_high_fraction(),
             dual_clip_fraction: stats.dual_clip_fraction(),
             ppo_kl: stats.ppo_kl(),
-            ratio_max: if stats.tokens > 0.0 {
-                stats.ratio_max
-            } else {
-                1.0
-            },
-            ratio_min: if stats.tokens > 0.0 {
-                stats.ratio_min
-            } else {
-                1.0
-            },
-            grad_norm: per_opt(norm_sum),
-            lr,
+            ratio_max: ratio(stats.ratio_max),
+            ratio_min: ratio(stats.ratio_min),
+            grad_norm: per_opt(u.grad_norm),
+            lr: u.lr,
             optimizer_steps: self.optimizer.step_count(),
-            time: StepTimes {
-                rollout_s: t_rollout,
-                reward_s: t_reward - t_rollout,
-                logprobs_s: t_logprobs - t_reward,
-                update_s: t_update - t_logprobs,
-                total_s: t_update,
-            },
-        })
+            time,
+        }
     }
 
     /// Forward + backward of one micro-batch; returns its loss value and stats.
@@ -973,4 +1004,58 @@ fn prompt_ids(batch: &RolloutBatch, rows: &[usize]) -> String {
         .collect();
     ids.dedup();
     ids.join(", ")
+}
+
+/// Old and reference log-probs of one step's trained rows (`None`: not needed).
+struct Stores {
+    old: Option<Tensor>,
+    reference: Option<Tensor>,
+}
+
+/// What a step's optimizer steps add up to, for its metrics.
+#[derive(Default)]
+struct UpdateSums {
+    stats: LossStats,
+    loss: f64,
+    policy_loss: f64,
+    grad_norm: f64,
+    optimizer_steps: u64,
+    /// The learning rate of the last optimizer step.
+    lr: f64,
+}
+
+/// Each rollout's completion length in tokens.
+fn completion_lengths(batch: &RolloutBatch) -> Vec<usize> {
+    batch
+        .rollouts
+        .iter()
+        .map(|r| r.completion.tokens.len())
+        .collect()
+}
+
+/// The reward function's rewards for `batch`: one finite reward per rollout, or an error naming
+/// the step (and the rollout).
+fn checked_rewards<R: RewardFn + ?Sized>(reward: &mut R, batch: &RolloutBatch) -> Result<Vec<f64>> {
+    let (step, g, n) = (batch.step, batch.group_size, batch.rollouts.len());
+    let rewards = reward
+        .score(batch)
+        .map_err(|source| Error::Reward { step, source })?;
+    if rewards.len() != n {
+        return Err(Error::RewardOutput {
+            step,
+            message: format!("{n} rollouts but {} rewards", rewards.len()),
+        });
+    }
+    if let Some(i) = rewards.iter().position(|r| !r.is_finite()) {
+        return Err(Error::RewardOutput {
+            step,
+            message: format!(
+                "reward of rollout {i} (prompt `{}`, sample {}) is {}",
+                batch.prompts[i / g].id,
+                i % g,
+                rewards[i]
+            ),
+        });
+    }
+    Ok(rewards)
 }
