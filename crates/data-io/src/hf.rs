@@ -487,76 +487,165 @@ pub struct SafetensorsHeader {
     pub data_start: usize,
 }
 
-/// Headers larger than this are refused (the format's own limit).
-const MAX_HEADER: u64 = 100_000_000;
-
 impl SafetensorsHeader {
-    /// Reads and checks a safetensors header: sizes, dtypes against byte counts, and that the file is
-    /// long enough to hold every tensor (a truncated download is reported here, not at first use).
+    /// Reads and checks a safetensors header with the `safetensors` crate's own reader on a memory
+    /// map of the file, so its checks apply: header size, JSON shape, known dtypes, byte ranges that
+    /// match shape × dtype and tile the data section without gaps or overlaps, and a file exactly as
+    /// long as its tensors (a truncated download is reported here, not at first use). Errors name the
+    /// file and, where one is at fault, the tensor.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        use std::io::Read;
         let path = path.as_ref();
-        let mut f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut n = [0u8; 8];
-        f.read_exact(&mut n)
-            .map_err(|_| Error::invalid(path, "truncated safetensors file: no header length"))?;
-        let n = u64::from_le_bytes(n);
-        if n > MAX_HEADER || 8 + n > file_len {
+        let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // Mapping an empty file fails on some platforms; say what is wrong instead.
+        if file_len < 8 {
             return Err(Error::invalid(
                 path,
-                format!("bad safetensors header length {n} (file has {file_len} bytes)"),
+                "truncated safetensors file: no header length",
             ));
         }
-        let mut buf = vec![0u8; n as usize];
-        f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
-        let raw: BTreeMap<String, Value> = serde_json::from_slice(&buf).map_err(|e| {
-            Error::invalid(path, format!("safetensors header is not valid JSON: {e}"))
-        })?;
-        let data_start = 8 + n as usize;
-        let data_len = (file_len - 8 - n) as usize;
+        // SAFETY: the mapping is read-only and lives only for this call; every value kept from it is
+        // copied out. Another process truncating the file meanwhile is undefined behaviour, as with
+        // every mmap-based loader (safetensors' own examples, candle).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| Error::invalid(path, explain(&map, e)))?;
         let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (name, v) in raw {
-            if name == "__metadata__" {
-                metadata = serde_json::from_value(v)
-                    .map_err(|e| Error::invalid(path, format!("`__metadata__`: {e}")))?;
-                continue;
-            }
-            let info: TensorInfo = serde_json::from_value(v)
-                .map_err(|e| Error::invalid(path, format!("tensor `{name}`: {e}")))?;
-            let elem = dtype_size(&info.dtype).ok_or_else(|| {
-                Error::invalid(
-                    path,
-                    format!("tensor `{name}`: unsupported dtype {}", info.dtype),
-                )
-            })?;
-            let (start, end) = info.data_offsets;
-            let count: usize = info.shape.iter().product();
-            if end < start || end - start != count * elem {
+        for (name, info) in meta.tensors() {
+            let dtype = info.dtype.to_string();
+            // The crate knows sub-byte and complex dtypes no loader here can use; refuse them early.
+            if dtype_size(&dtype).is_none() {
                 return Err(Error::invalid(
                     path,
-                    format!(
-                        "tensor `{name}`: byte range {start}..{end} does not fit shape {:?} of {}",
-                        info.shape, info.dtype
-                    ),
+                    format!("tensor `{name}`: unsupported dtype {dtype}"),
                 ));
             }
-            if end > data_len {
-                return Err(Error::invalid(
-                    path,
-                    format!(
-                        "truncated file: tensor `{name}` ends at byte {end} of a {data_len}-byte data section"
-                    ),
-                ));
-            }
-            tensors.insert(name, info);
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape: info.shape.clone(),
+                    data_offsets: info.data_offsets,
+                },
+            );
         }
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         Ok(SafetensorsHeader {
             tensors,
             metadata,
-            data_start,
+            data_start: 8 + n,
         })
+    }
+}
+
+/// Turns a `safetensors` rejection into a message naming the tensor at fault. The crate's errors
+/// for ranges and truncation carry no tensor name (or no byte counts), so the header is parsed once
+/// more, leniently, only to find the culprit; the verdict itself is always the crate's.
+fn explain(buf: &[u8], err: safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let n = buf
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes);
+    let header = usize::try_from(n)
+        .ok()
+        .and_then(|n| buf.get(8..8usize.checked_add(n)?));
+    let entries = || -> Option<Vec<(String, safetensors::tensor::TensorInfo)>> {
+        let raw: BTreeMap<String, Value> = serde_json::from_slice(header?).ok()?;
+        let mut out: Vec<_> = raw
+            .into_iter()
+            .filter(|(k, _)| k != "__metadata__")
+            .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+            .collect();
+        out.sort_by_key(|(_, i): &(String, safetensors::tensor::TensorInfo)| i.data_offsets);
+        Some(out)
+    };
+    let bytes_of = |i: &safetensors::tensor::TensorInfo| {
+        i.shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|c| c.checked_mul(i.dtype.bitsize()))
+            .filter(|bits| bits % 8 == 0)
+            .map(|bits| bits / 8)
+    };
+    match err {
+        E::HeaderTooSmall => "truncated safetensors file: no header length".into(),
+        E::HeaderTooLarge | E::InvalidHeaderLength => format!(
+            "bad safetensors header length {n} (file has {} bytes)",
+            buf.len()
+        ),
+        E::InvalidHeader(e) => format!("safetensors header is not valid JSON: {e}"),
+        E::InvalidHeaderDeserialization(e) => {
+            // Name the tensor whose entry is malformed (unknown dtype, missing field) when the JSON
+            // itself parses.
+            let raw =
+                header.and_then(|h| serde_json::from_slice::<BTreeMap<String, Value>>(h).ok());
+            let Some(raw) = raw else {
+                return format!("safetensors header is not valid JSON: {e}");
+            };
+            for (name, v) in raw {
+                let bad = if name == "__metadata__" {
+                    serde_json::from_value::<BTreeMap<String, String>>(v).err()
+                } else {
+                    serde_json::from_value::<safetensors::tensor::TensorInfo>(v).err()
+                };
+                if let Some(bad) = bad {
+                    return if name == "__metadata__" {
+                        format!("`__metadata__`: {bad}")
+                    } else {
+                        format!("tensor `{name}`: {bad}")
+                    };
+                }
+            }
+            format!("invalid safetensors header: {e}")
+        }
+        E::InvalidOffset(name) => {
+            let range = entries()
+                .and_then(|es| es.into_iter().find(|(k, _)| *k == name))
+                .map(|(_, i)| format!(" {}..{}", i.data_offsets.0, i.data_offsets.1))
+                .unwrap_or_default();
+            format!(
+                "tensor `{name}`: byte range{range} overlaps another tensor or leaves a gap \
+                 (tensors must tile the data section)"
+            )
+        }
+        E::TensorInvalidInfo | E::MisalignedSlice | E::ValidationOverflow => {
+            let culprit = entries().and_then(|es| {
+                es.into_iter().find(|(_, i)| {
+                    let (s, e) = i.data_offsets;
+                    e < s || bytes_of(i) != Some(e - s)
+                })
+            });
+            match culprit {
+                Some((name, i)) => format!(
+                    "tensor `{name}`: byte range {}..{} does not fit shape {:?} of {}",
+                    i.data_offsets.0, i.data_offsets.1, i.shape, i.dtype
+                ),
+                None => format!("invalid safetensors header: {err}"),
+            }
+        }
+        E::MetadataIncompleteBuffer => {
+            let data_len = buf.len().saturating_sub(8).saturating_sub(n as usize);
+            let es = entries().unwrap_or_default();
+            if let Some((name, i)) = es.iter().find(|(_, i)| i.data_offsets.1 > data_len) {
+                format!(
+                    "truncated file: tensor `{name}` ends at byte {} of a {data_len}-byte data section",
+                    i.data_offsets.1
+                )
+            } else {
+                let end = es.last().map_or(0, |(_, i)| i.data_offsets.1);
+                format!(
+                    "{} stray bytes after the last tensor (data section is {data_len} bytes, tensors \
+                     end at {end})",
+                    data_len.saturating_sub(end)
+                )
+            }
+        }
+        other => format!("invalid safetensors file: {other}"),
     }
 }
 

@@ -97,3 +97,80 @@ fn config_errors_name_file_and_field() {
     let e = ModelFolder::open(dir.path()).unwrap_err().to_string();
     assert!(e.contains("no model.safetensors"), "{e}");
 }
+
+/// Writes a safetensors file from a hand-made header (offsets as given) and `data_len` zero bytes.
+fn write_raw(path: &Path, header: serde_json::Value, data_len: usize) {
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(h);
+    bytes.extend(vec![0u8; data_len]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn malformed_headers_are_rejected_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.safetensors");
+    // `b` overlaps `a` (the crate's offset check; the old hand parser accepted this).
+    write_raw(
+        &p,
+        serde_json::json!({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                           "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}),
+        24,
+    );
+    let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.safetensors") && e.contains("`b`") && e.contains("overlaps"),
+        "{e}"
+    );
+    // A byte range that does not match shape × dtype.
+    write_raw(
+        &p,
+        serde_json::json!({"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 16]}}),
+        16,
+    );
+    let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.safetensors") && e.contains("`a`") && e.contains("does not fit"),
+        "{e}"
+    );
+    // An unknown dtype names the tensor.
+    write_raw(
+        &p,
+        serde_json::json!({"q": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}),
+        1,
+    );
+    let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
+    assert!(e.contains("bad.safetensors") && e.contains("`q`"), "{e}");
+    // A dtype the crate knows but no loader here uses.
+    write_raw(
+        &p,
+        serde_json::json!({"c": {"dtype": "C64", "shape": [2], "data_offsets": [0, 16]}}),
+        16,
+    );
+    let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("`c`") && e.contains("unsupported dtype C64"),
+        "{e}"
+    );
+    // Header length pointing past the end of the file (truncated inside the header).
+    let mut bytes = 1000u64.to_le_bytes().to_vec();
+    bytes.extend(b"{\"a\":");
+    std::fs::write(&p, bytes).unwrap();
+    let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.safetensors") && e.contains("bad safetensors header length 1000"),
+        "{e}"
+    );
+    // Stray bytes after the last tensor.
+    write_raw(
+        &p,
+        serde_json::json!({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}),
+        20,
+    );
+    let e = SafetensorsHeader::read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.safetensors") && e.contains("4 stray bytes"),
+        "{e}"
+    );
+}
