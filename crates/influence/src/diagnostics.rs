@@ -23,7 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::scorer::Score;
+use crate::score::Score;
 
 /// Below this spread ratio (between-candidate spread over the mean cosine), influence mostly
 /// measures what every candidate shares.

@@ -8,9 +8,10 @@ use std::path::Path;
 use optimsyn_lm::{CausalLm, LoraAdapter, TrainExample, WeightStore};
 use tch::{Kind, Tensor};
 
+use crate::config::ScoreConfig;
 use crate::error::{Error, Result, TorchContext};
+use crate::grads::gradients;
 use crate::project::Projector;
-use crate::scorer::{ScoreConfig, gradients};
 
 /// Name of the tensor in a features file.
 const TENSOR: &str = "features";

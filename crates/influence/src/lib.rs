@@ -44,23 +44,26 @@
 //! ```
 #![deny(missing_docs)]
 
+mod config;
 mod dense_device;
 mod diagnostics;
 mod error;
 mod features;
+mod grads;
 mod precond;
 mod project;
+mod score;
 mod scorer;
 mod verify;
 
+pub use config::{ScoreConfig, SubtaskAgg};
 pub use diagnostics::{Discrimination, FeatureStats, SHARED_SPREAD_RATIO};
 pub use error::{Error, Result};
+pub use grads::{encode_examples, gradients, gradients_into};
 pub use precond::{AdamMoments, Precond};
 pub use project::{Projector, ProjectorKind};
-pub use scorer::{
-    InfluenceScorer, Score, ScoreConfig, ScoreReport, SubtaskAgg, encode_examples, gradients,
-    gradients_into,
-};
+pub use score::Score;
+pub use scorer::{InfluenceScorer, ScoreReport};
 pub use verify::{
     AUTO_RELATIVE_CHANGE, AUTO_RELATIVE_CHANGE_HALF, StepCheck, VerifyReport, pearson, verify,
 };

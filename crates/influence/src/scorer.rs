@@ -6,96 +6,18 @@ use std::path::{Path, PathBuf};
 
 use optimsyn_data_io::{ChatExample, ChatFormat, ChatTokenizer};
 use optimsyn_lm::sft::{TRAINING_FILE, TrainingRecord};
-use optimsyn_lm::{CausalLm, LoadOptions, LoraAdapter, LossBatch, MaskedSeq, TrainExample};
+use optimsyn_lm::{CausalLm, LoadOptions, LoraAdapter, TrainExample};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::config::{ScoreConfig, SubtaskAgg};
 use crate::diagnostics::{Discrimination, FeatureStats};
 use crate::error::{Error, Result, TorchContext};
-use crate::precond::{AdamMoments, Precond};
-use crate::project::{Projector, ProjectorKind};
-
-/// How per-subtask scores become one influence value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SubtaskAgg {
-    /// The largest subtask mean (LESS and the released OptimSyn code).
-    #[default]
-    Max,
-    /// The mean of the subtask means.
-    Mean,
-}
-
-impl std::str::FromStr for SubtaskAgg {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "max" => Ok(SubtaskAgg::Max),
-            "mean" => Ok(SubtaskAgg::Mean),
-            o => Err(format!(
-                "unknown subtask aggregation `{o}` (expected max or mean)"
-            )),
-        }
-    }
-}
-
-/// Scoring settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoreConfig {
-    /// Projection (default dense, k 8192, seed 0).
-    pub projector: ProjectorKind,
-    /// Training-side preconditioning.
-    pub precond: Precond,
-    /// Subtask aggregation.
-    pub subtask_agg: SubtaskAgg,
-    /// Data format; `None` takes the adapters' `training.json` (required when they lack one).
-    pub format: Option<ChatFormat>,
-    /// Truncate examples to this many tokens.
-    pub max_len: Option<usize>,
-    /// Most padded tokens per backward pass.
-    pub max_batch_tokens: usize,
-    /// Cache the dense projection matrix when it takes at most this many bytes.
-    pub cache_bytes: usize,
-    /// Where validation features are stored and reused (default: beside each adapter, in
-    /// `influence-features/`).
-    pub features_dir: Option<PathBuf>,
-}
-
-impl Default for ScoreConfig {
-    fn default() -> Self {
-        ScoreConfig {
-            projector: ProjectorKind::Dense { k: 8192, seed: 0 },
-            precond: Precond::Released,
-            subtask_agg: SubtaskAgg::Max,
-            format: None,
-            max_len: None,
-            max_batch_tokens: 4096,
-            cache_bytes: 1 << 30,
-            features_dir: None,
-        }
-    }
-}
-
-/// One candidate's score.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Score {
-    /// The candidate's id.
-    pub id: String,
-    /// Aggregated influence (positive: helps the validation loss); `None` when the candidate has
-    /// no loss token (see `reason`).
-    pub influence: Option<f64>,
-    /// Mean weighted cosine per validation subtask.
-    pub subtasks: BTreeMap<String, f64>,
-    /// Tokens of the rendered candidate.
-    pub tokens: usize,
-    /// Tokens that carry loss.
-    pub loss_tokens: usize,
-    /// The candidate's training loss at the first checkpoint.
-    pub loss: Option<f64>,
-    /// Why it was not scored.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
+use crate::features::val_features;
+use crate::grads::{encode_examples, grad_rows, gradients_into, loss_tokens};
+use crate::precond::AdamMoments;
+use crate::project::Projector;
+use crate::score::Score;
 
 /// One warm-up checkpoint, ready to score against.
 #[derive(Debug)]
@@ -135,120 +57,6 @@ fn param_layout(adapter: &LoraAdapter) -> Vec<(String, Vec<i64>)> {
         .into_iter()
         .map(|(k, t)| (k, t.size()))
         .collect()
-}
-
-/// Encodes chat examples; ids default to the position.
-pub fn encode_examples(
-    tok: &ChatTokenizer,
-    examples: &[ChatExample],
-    format: ChatFormat,
-    max_len: Option<usize>,
-) -> Result<Vec<TrainExample>> {
-    examples
-        .iter()
-        .enumerate()
-        .map(|(i, ex)| {
-            let id = ex.id.clone().unwrap_or_else(|| i.to_string());
-            let enc = tok.encode_example(ex, format, max_len, &Default::default())?;
-            Ok(TrainExample {
-                id,
-                tokens: enc.tokens,
-                loss_mask: enc.loss_mask,
-                subtask: ex.subtask.clone(),
-            })
-        })
-        .collect()
-}
-
-fn loss_tokens(e: &TrainExample) -> usize {
-    e.loss_mask.iter().skip(1).filter(|m| **m != 0).count()
-}
-
-/// The dtype of the adapter's parameters, which its gradients share.
-fn grad_kind(adapter: &LoraAdapter) -> Kind {
-    adapter
-        .named_parameters()
-        .first()
-        .map_or(Kind::Float, |(_, p)| p.kind())
-}
-
-/// Per-sample LoRA gradients `[n, P]` of `examples[idx]` (rows in `idx` order), batched.
-pub fn gradients(
-    model: &CausalLm,
-    adapter: &LoraAdapter,
-    examples: &[TrainExample],
-    idx: &[usize],
-    max_batch_tokens: usize,
-) -> Result<(Tensor, Vec<f32>)> {
-    let all = Tensor::f_empty(
-        [idx.len() as i64, adapter.num_parameters()],
-        (grad_kind(adapter), model.device()),
-    )
-    .op("gradients")?;
-    let losses = gradients_into(model, adapter, examples, idx, max_batch_tokens, &all)?;
-    Ok((all, losses))
-}
-
-/// [`gradients`] written into `out` (`[idx.len(), P]`, contiguous rows, the adapter's dtype and
-/// device), e.g. a buffer reused across calls; returns the per-sample losses.
-pub fn gradients_into(
-    model: &CausalLm,
-    adapter: &LoraAdapter,
-    examples: &[TrainExample],
-    idx: &[usize],
-    max_batch_tokens: usize,
-    out: &Tensor,
-) -> Result<Vec<f32>> {
-    if out.size().first() != Some(&(idx.len() as i64)) {
-        return Err(Error::Input(format!(
-            "gradients: {} examples need an output of {} rows, got {:?}",
-            idx.len(),
-            idx.len(),
-            out.size()
-        )));
-    }
-    let mut losses = Vec::with_capacity(idx.len());
-    for b in
-        optimsyn_lm::sft::token_budget_batches(idx, |i| examples[i].tokens.len(), max_batch_tokens)
-    {
-        let seqs: Vec<MaskedSeq<'_>> = b
-            .iter()
-            .map(|&i| MaskedSeq {
-                tokens: &examples[i].tokens,
-                loss_mask: &examples[i].loss_mask,
-            })
-            .collect();
-        let batch = LossBatch::new(&seqs, model.device())?;
-        // Batches come in `idx` order, so each fills the next rows of `out`.
-        let rows = out
-            .f_narrow(0, losses.len() as i64, b.len() as i64)
-            .op("gradients")?;
-        losses.extend(adapter.per_sample_grads_into(model, &batch, &rows)?);
-    }
-    Ok(losses)
-}
-
-/// The first `n` rows of the reused gradient buffer, grown (never shrunk) to hold them.
-fn grad_rows(
-    buf: &mut Option<Tensor>,
-    adapter: &LoraAdapter,
-    n: usize,
-    device: tch::Device,
-) -> Result<Tensor> {
-    let kind = grad_kind(adapter);
-    let p = adapter.num_parameters();
-    let fits = buf
-        .as_ref()
-        .is_some_and(|b| b.size()[0] >= n as i64 && b.kind() == kind);
-    if !fits {
-        // Dropped first, so the old and the new buffer never coexist.
-        *buf = None;
-    }
-    let b = match buf {
-        Some(b) => b,
-        None => buf.insert(Tensor::f_empty([n as i64, p], (kind, device)).op("gradients")?),
-    };
-    b.f_narrow(0, 0, n as i64).op("gradients")
 }
 
 /// L2-normalizes rows (zero rows stay zero).
@@ -373,8 +181,7 @@ impl InfluenceScorer {
                     message: "moments do not cover the adapter".into(),
                 });
             }
-            let val =
-                crate::features::val_features(&model, &adapter, &projector, &val_enc, dir, &cfg)?;
+            let val = val_features(&model, &adapter, &projector, &val_enc, dir, &cfg)?;
             checkpoints.push(Checkpoint {
                 dir: dir.clone(),
                 weight,

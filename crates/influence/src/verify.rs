@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result, TorchContext};
-use crate::scorer::{InfluenceScorer, encode_examples, gradients};
+use crate::grads::{encode_examples, gradients};
+use crate::scorer::InfluenceScorer;
 
 /// One candidate's predicted and actual validation-loss change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
