@@ -56,7 +56,7 @@ mod weights;
 pub use cache::KvCache;
 pub use error::{Error, Result};
 pub use generate::{FinishReason, Generation, PaddedBatch};
-pub use lora::{LoraAdapter, LoraConfig, LoraModule, TargetModules};
+pub use lora::{Bypassed, DropoutOn, LoraAdapter, LoraConfig, LoraModule, TargetModules};
 pub use loss::{LossBatch, MaskedSeq};
 pub use model::{
     Attention, CausalLm, DecoderLayer, Linear, LinearAdapter, LoadOptions, Mlp, RmsNorm,

@@ -532,6 +532,34 @@ pub struct LoraAdapter {
     key: Arc<Mutex<DropoutKey>>,
 }
 
+/// The adapter is bypassed while this lives (see [`LoraAdapter::bypass`]).
+#[must_use = "the adapter is restored as soon as the guard is dropped"]
+#[derive(Debug)]
+pub struct Bypassed<'a> {
+    adapter: &'a LoraAdapter,
+}
+
+impl Drop for Bypassed<'_> {
+    fn drop(&mut self) {
+        self.adapter.state().disabled = false;
+    }
+}
+
+/// Keyed dropout is on while this lives (see [`LoraAdapter::dropout`]).
+#[must_use = "dropout is turned off as soon as the guard is dropped"]
+#[derive(Debug)]
+pub struct DropoutOn<'a> {
+    adapter: &'a LoraAdapter,
+}
+
+impl Drop for DropoutOn<'_> {
+    fn drop(&mut self) {
+        let mut g = self.adapter.state();
+        g.key = None;
+        g.rows.clear();
+    }
+}
+
 /// How one module's matrices are obtained while attaching.
 enum Source<'a> {
     /// PEFT's default init from a seeded stream: A ~ U(±1/√in) (kaiming-uniform, a = √5), B = 0.
@@ -719,8 +747,31 @@ impl LoraAdapter {
             .sum()
     }
 
+    /// Bypasses the adapter until the returned guard is dropped (PEFT's `disable_adapter`
+    /// context): the model computes as its base, e.g. for a KL reference. The adapter comes back
+    /// however the scope ends (`?`, early return, panic), which [`set_enabled`](Self::set_enabled)
+    /// alone does not promise.
+    pub fn bypass(&self) -> Result<Bypassed<'_>> {
+        self.set_enabled(false)?;
+        Ok(Bypassed { adapter: self })
+    }
+
+    /// Keyed dropout (see [`set_dropout`](Self::set_dropout)) until the returned guard is
+    /// dropped; then dropout is off again, however the scope ends.
+    pub fn dropout(&self, key: (u64, u64), rows: &[u64]) -> Result<DropoutOn<'_>> {
+        self.set_dropout(Some(key), rows)?;
+        Ok(DropoutOn { adapter: self })
+    }
+
+    /// The shared state, also after a panic elsewhere poisoned it (what the guards restore is
+    /// plain data, valid in any state).
+    fn state(&self) -> std::sync::MutexGuard<'_, DropoutKey> {
+        self.key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Bypasses (`false`) or restores (`true`) the adapter in every forward: with it bypassed the
-    /// model computes as its base (PEFT's `disable_adapter`), e.g. for a KL reference.
+    /// model computes as its base (PEFT's `disable_adapter`), e.g. for a KL reference. Prefer
+    /// [`bypass`](Self::bypass), which restores it when its scope ends.
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
         let mut g = self
             .key

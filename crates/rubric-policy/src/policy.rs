@@ -240,10 +240,10 @@ impl Policy for RubricPolicy {
     ) -> Result<Option<Tensor>> {
         let Some(a) = &self.lora else { return Ok(None) };
         let _g = tch::no_grad_guard();
-        a.set_enabled(false)?;
-        let r = self.forward_logprobs(batch, temperature, false);
-        a.set_enabled(true)?;
-        Ok(Some(r?.logprobs))
+        let _base = a.bypass()?;
+        Ok(Some(
+            self.forward_logprobs(batch, temperature, false)?.logprobs,
+        ))
     }
 
     fn trainable_parameters(&self) -> Vec<(String, Tensor)> {

@@ -125,7 +125,22 @@ fn adapted_and_merged_logprobs_equal_peft() {
             "{name}: the adapter must matter"
         );
         // Bypassed (PEFT's `disable_adapter`), the model computes as its base; restored, as before.
-        adapter.set_enabled(false).expect("disable");
+        // The guard restores the adapter however its scope ends, here by an early `?`.
+        let bypassed_then_fail = || -> Result<Vec<Vec<f32>>, optimsyn_lm::Error> {
+            let _base = adapter.bypass()?;
+            let lp = model.sequence_logprobs(&rows, 1.0)?;
+            Err(optimsyn_lm::Error::Input(format!(
+                "{} rows, failing on purpose",
+                lp.len()
+            )))
+        };
+        assert!(bypassed_then_fail().is_err());
+        let restored = model.sequence_logprobs(&rows, 1.0).expect("restored");
+        assert!(
+            max_abs_diff(&restored[3], &got[3]) < 1e-6,
+            "{name}: restored after `?`"
+        );
+        let guard = adapter.bypass().expect("bypass");
         let bypassed = model.sequence_logprobs(&rows, 1.0).expect("bypassed");
         for (i, (g, w)) in bypassed.iter().zip(&base).enumerate() {
             let d = max_abs_diff(g, w);
@@ -134,7 +149,7 @@ fn adapted_and_merged_logprobs_equal_peft() {
                 "{name} row {i}: adapter disabled, |Δ| vs base {d}"
             );
         }
-        adapter.set_enabled(true).expect("enable");
+        drop(guard);
         let again = model.sequence_logprobs(&rows, 1.0).expect("restored");
         assert!(max_abs_diff(&again[3], &got[3]) < 1e-6, "{name}: restored");
         adapter.merge_into(&mut model).expect("merge");
