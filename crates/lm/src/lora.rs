@@ -227,118 +227,122 @@ impl LoraConfig {
             path: path.to_path_buf(),
             message: format!("not valid JSON: {e}"),
         })?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| bad("(root)", "expected a JSON object".into()))?;
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        if let Some(t) = get("peft_type").and_then(Value::as_str)
-            && t != "LORA"
-        {
-            return Err(bad("peft_type", format!("`{t}` is not LORA")));
+        if !v.is_object() {
+            return Err(bad("(root)", "expected a JSON object".into()));
         }
-        let r = get("r")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("r", "missing or not a positive integer".into()))?
-            as usize;
-        let alpha = get("lora_alpha")
-            .map_or(Some(8.0), Value::as_f64)
-            .ok_or_else(|| bad("lora_alpha", "not a number".into()))?;
-        let dropout = get("lora_dropout")
-            .map_or(Some(0.0), Value::as_f64)
-            .ok_or_else(|| bad("lora_dropout", "not a number".into()))?;
-        let target_modules = match get("target_modules") {
-            None => return Err(bad("target_modules", "missing".into())),
-            Some(t) => serde_json::from_value(t.clone()).map_err(|_| {
-                bad(
-                    "target_modules",
-                    format!("expected a list of names or a regex string, got {t}"),
-                )
-            })?,
-        };
-        let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
-        for k in [
-            "use_dora",
-            "fan_in_fan_out",
-            "lora_bias",
-            "use_qalora",
-            "use_bdlora",
-        ] {
-            if flag(k) {
-                return Err(bad(k, "true is not supported".into()));
-            }
-        }
-        if let Some(b) = get("bias").and_then(Value::as_str)
-            && b != "none"
-        {
-            return Err(bad(
-                "bias",
-                format!("`{b}` is not supported (only \"none\")"),
-            ));
-        }
-        if let Some(m) = get("modules_to_save")
-            && m.as_array().is_none_or(|a| !a.is_empty())
-        {
-            return Err(bad(
-                "modules_to_save",
-                format!("{m}: fully trained extra modules are not supported"),
-            ));
-        }
-        for k in [
-            "target_parameters",
-            "trainable_token_indices",
-            "layer_replication",
-            "exclude_modules",
-        ] {
-            if let Some(v) = get(k)
-                && v.as_array().is_none_or(|a| !a.is_empty())
-            {
-                return Err(bad(k, format!("{v}: not supported")));
-            }
-        }
-        let layers_to_transform = match get("layers_to_transform") {
-            None => None,
-            Some(Value::Number(n)) => Some(vec![
-                n.as_u64()
-                    .ok_or_else(|| bad("layers_to_transform", format!("{n}")))?
-                    as usize,
-            ]),
-            Some(l) => Some(
-                serde_json::from_value::<Vec<usize>>(l.clone()).map_err(|_| {
-                    bad(
-                        "layers_to_transform",
-                        format!("expected an index or a list, got {l}"),
-                    )
-                })?,
-            ),
-        };
-        let rank_pattern = match get("rank_pattern") {
-            None => BTreeMap::new(),
-            Some(p) => serde_json::from_value(p.clone())
-                .map_err(|_| bad("rank_pattern", format!("{p}")))?,
-        };
-        let alpha_pattern = match get("alpha_pattern") {
-            None => BTreeMap::new(),
-            Some(p) => serde_json::from_value(p.clone())
-                .map_err(|_| bad("alpha_pattern", format!("{p}")))?,
-        };
+        let p: PeftConfig = serde_path_to_error::deserialize(v).map_err(|e| {
+            let field = e.path().to_string();
+            let message = if field == "target_modules" {
+                "expected a list of names or a regex string".to_string()
+            } else {
+                e.inner().to_string()
+            };
+            bad(&field, message)
+        })?;
+        p.refuse_unsupported().map_err(|(f, m)| bad(f, m))?;
         let cfg = LoraConfig {
-            r,
-            alpha,
-            dropout,
-            target_modules,
-            use_rslora: flag("use_rslora"),
-            layers_to_transform,
-            rank_pattern,
-            alpha_pattern,
-            base_model: get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(String::from),
+            r: p.r
+                .ok_or_else(|| bad("r", "missing or not a positive integer".into()))?,
+            alpha: p.lora_alpha.unwrap_or(8.0),
+            dropout: p.lora_dropout.unwrap_or(0.0),
+            target_modules: p
+                .target_modules
+                .ok_or_else(|| bad("target_modules", "missing".into()))?,
+            use_rslora: p.use_rslora.unwrap_or(false),
+            layers_to_transform: p.layers_to_transform.map(|l| match l {
+                Layers::One(i) => vec![i],
+                Layers::Many(v) => v,
+            }),
+            rank_pattern: p.rank_pattern.unwrap_or_default(),
+            alpha_pattern: p.alpha_pattern.unwrap_or_default(),
+            base_model: p.base_model_name_or_path,
         };
         cfg.validate().map_err(|e| Error::Adapter {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
         Ok(cfg)
+    }
+}
+
+/// The fields of PEFT's `adapter_config.json` this crate reads, or refuses when set (LoRA
+/// variants it cannot reproduce); a missing or `null` field takes PEFT's default, other fields
+/// are ignored.
+#[derive(Deserialize)]
+struct PeftConfig {
+    peft_type: Option<String>,
+    r: Option<usize>,
+    lora_alpha: Option<f64>,
+    lora_dropout: Option<f64>,
+    target_modules: Option<TargetModules>,
+    use_rslora: Option<bool>,
+    layers_to_transform: Option<Layers>,
+    rank_pattern: Option<BTreeMap<String, usize>>,
+    alpha_pattern: Option<BTreeMap<String, f64>>,
+    base_model_name_or_path: Option<String>,
+    bias: Option<String>,
+    use_dora: Option<bool>,
+    fan_in_fan_out: Option<bool>,
+    lora_bias: Option<bool>,
+    use_qalora: Option<bool>,
+    use_bdlora: Option<bool>,
+    modules_to_save: Option<Value>,
+    target_parameters: Option<Value>,
+    trainable_token_indices: Option<Value>,
+    layer_replication: Option<Value>,
+    exclude_modules: Option<Value>,
+}
+
+/// `layers_to_transform`: one index or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Layers {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl PeftConfig {
+    /// The first setting this crate cannot reproduce exactly, as (field, why).
+    fn refuse_unsupported(&self) -> std::result::Result<(), (&'static str, String)> {
+        if let Some(t) = self.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(("peft_type", format!("`{t}` is not LORA")));
+        }
+        for (k, on) in [
+            ("use_dora", self.use_dora),
+            ("fan_in_fan_out", self.fan_in_fan_out),
+            ("lora_bias", self.lora_bias),
+            ("use_qalora", self.use_qalora),
+            ("use_bdlora", self.use_bdlora),
+        ] {
+            if on == Some(true) {
+                return Err((k, "true is not supported".into()));
+            }
+        }
+        if let Some(b) = self.bias.as_deref().filter(|b| *b != "none") {
+            return Err(("bias", format!("`{b}` is not supported (only \"none\")")));
+        }
+        let nonempty = |v: &Option<Value>| {
+            v.as_ref()
+                .filter(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+                .cloned()
+        };
+        if let Some(m) = nonempty(&self.modules_to_save) {
+            return Err((
+                "modules_to_save",
+                format!("{m}: fully trained extra modules are not supported"),
+            ));
+        }
+        for (k, v) in [
+            ("target_parameters", &self.target_parameters),
+            ("trainable_token_indices", &self.trainable_token_indices),
+            ("layer_replication", &self.layer_replication),
+            ("exclude_modules", &self.exclude_modules),
+        ] {
+            if let Some(v) = nonempty(v) {
+                return Err((k, format!("{v}: not supported")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -997,5 +1001,79 @@ impl LoraAdapter {
 fn detach_all(model: &mut CausalLm) {
     for lin in model.linear_layers_mut() {
         lin.adapter = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(json: &str) -> std::result::Result<LoraConfig, String> {
+        LoraConfig::from_peft_json(json, Path::new("a/adapter_config.json"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn peft_defaults_and_nulls() {
+        let c = read(r#"{"r": 4, "target_modules": ["q_proj"], "lora_alpha": null, "layers_to_transform": 1, "some_new_peft_field": 3}"#)
+            .expect("reads");
+        assert_eq!((c.r, c.alpha, c.dropout), (4, 8.0, 0.0));
+        assert_eq!(c.layers_to_transform, Some(vec![1]));
+        let c = read(r#"{"r": 4, "target_modules": "q.*", "layers_to_transform": [0, 2], "modules_to_save": []}"#)
+            .expect("reads");
+        assert_eq!(c.target_modules, TargetModules::Regex("q.*".into()));
+        assert_eq!(c.layers_to_transform, Some(vec![0, 2]));
+    }
+
+    #[test]
+    fn bad_peft_configs_name_the_file_and_field() {
+        for (json, field) in [
+            (r#"{"target_modules": ["q_proj"]}"#, "field `r`"),
+            (
+                r#"{"r": "eight", "target_modules": ["q_proj"]}"#,
+                "field `r`",
+            ),
+            (r#"{"r": 4}"#, "field `target_modules`: missing"),
+            (
+                r#"{"r": 4, "target_modules": 3}"#,
+                "field `target_modules`: expected a list",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "peft_type": "IA3"}"#,
+                "field `peft_type`",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "use_dora": true}"#,
+                "field `use_dora`",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "bias": "all"}"#,
+                "field `bias`",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "modules_to_save": ["lm_head"]}"#,
+                "field `modules_to_save`",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "trainable_token_indices": {"embed": [1]}}"#,
+                "field `trainable_token_indices`",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "layers_to_transform": "all"}"#,
+                "field `layers_to_transform`",
+            ),
+            (
+                r#"{"r": 4, "target_modules": ["q"], "rank_pattern": {"q": -1}}"#,
+                "field `rank_pattern",
+            ),
+            ("[1, 2]", "expected a JSON object"),
+            ("{", "not valid JSON"),
+        ] {
+            let err = read(json).expect_err(json);
+            assert!(
+                err.contains(field) && err.contains("a/adapter_config.json"),
+                "{json}: {err}"
+            );
+        }
     }
 }
