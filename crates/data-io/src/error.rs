@@ -63,6 +63,27 @@ pub enum Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<optimsyn_fsio::Error> for Error {
+    /// Keeps what was being done ("cannot rename temporary file over") in the I/O message, since
+    /// [`Error::Io`] has no field for it.
+    fn from(e: optimsyn_fsio::Error) -> Self {
+        match e {
+            optimsyn_fsio::Error::Io {
+                path,
+                action,
+                source,
+            } => Error::Io {
+                path,
+                source: std::io::Error::new(source.kind(), format!("{action}: {source}")),
+            },
+            other => Error::Io {
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -5,7 +5,7 @@
 //! one `write` of the complete line, and [`JsonlWriter::append`] cuts off a partial tail left by a
 //! crash before it appends, so a resumed run continues from the last complete row.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -344,25 +344,10 @@ fn scan_complete_lines(file: &mut File) -> std::io::Result<(u64, u64)> {
     Ok((complete, lines))
 }
 
-/// Writes a whole file atomically: to a temporary sibling first, then renamed over `path`, so a
-/// reader sees either the old file or the complete new one.
+/// Writes a whole file atomically and durably (see [`optimsyn_fsio::write_atomic`], its one home):
+/// a reader, or a restart after a crash, sees the old file or the complete new one.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    optimsyn_fsio::write_atomic(path, bytes).map_err(Error::from)
 }
 
 /// Reads a whole file into memory, naming it on failure.
@@ -379,6 +364,7 @@ pub fn read_file(path: impl AsRef<Path>) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::rows::ChatExample;
+    use std::fs;
 
     #[test]
     fn append_repairs_a_partial_tail_and_counts_rows() {

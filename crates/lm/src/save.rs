@@ -128,8 +128,19 @@ pub(crate) fn safetensors_bytes(
         .map_err(|e| Error::input(format!("serializing safetensors: {e}")))
 }
 
-/// Writes a file through a temporary sibling and a rename, so readers see the old or the new
-/// contents, never a torn file.
+/// Writes a file atomically and durably ([`optimsyn_fsio::write_atomic`]), so readers see the old
+/// or the new contents, never a torn file.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    optimsyn_data_io::write_atomic(path, bytes).map_err(Error::Folder)
+    optimsyn_fsio::write_atomic(path, bytes).map_err(fs_error)
+}
+
+/// Publishes the finished folder `tmp` as `dir` ([`optimsyn_fsio::publish_dir`]): an existing `dir`
+/// is moved aside and removed only once the new one is in place, so a crash never leaves neither.
+pub(crate) fn publish_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    optimsyn_fsio::publish_dir(tmp, dir).map_err(fs_error)
+}
+
+/// The crate's I/O error for a failed file-system step, keeping what was being done.
+fn fs_error(e: optimsyn_fsio::Error) -> Error {
+    Error::Folder(e.into())
 }

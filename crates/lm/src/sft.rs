@@ -660,16 +660,7 @@ fn save_checkpoint(
     opt.save(tmp.join(optimsyn_optim::state::FILE_NAME))?;
     let json = serde_json::to_vec_pretty(rec).map_err(|e| Error::input(e.to_string()))?;
     crate::save::write_atomic(&tmp.join(TRAINING_FILE), &json)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })
+    crate::save::publish_dir(&tmp, dir)
 }
 
 /// Validation loss of one group of examples.

@@ -29,7 +29,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -454,47 +453,24 @@ fn tensor_from_view(view: &TensorView<'_>, key: &str) -> Result<Tensor> {
     Tensor::f_from_data_size(data, &shape, Kind::Float).map_err(torch(key))
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`.
+/// Writes `bytes` atomically and durably through [`optimsyn_fsio::write_atomic`], its one home.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_owned();
-        move |source| Error::Io {
-            path: p,
+    optimsyn_fsio::write_atomic(path, bytes).map_err(|e| match e {
+        optimsyn_fsio::Error::Io {
+            path,
             action,
             source,
-        }
-    };
-    let file_name = path.file_name().ok_or_else(|| Error::Io {
-        path: path.to_owned(),
-        action: "cannot write optimizer state",
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-    })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(io("cannot create temporary file", &tmp))?;
-        f.write_all(bytes)
-            .map_err(io("cannot write temporary file", &tmp))?;
-        f.sync_all()
-            .map_err(io("cannot sync temporary file", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(io("cannot rename temporary file over", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    // Make the rename itself durable (best effort: not every platform can open a folder).
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+        } => Error::Io {
+            path,
+            action,
+            source,
+        },
+        other => Error::Io {
+            path: path.to_owned(),
+            action: "cannot write optimizer state",
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
 }
 
 #[cfg(test)]
