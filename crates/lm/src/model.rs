@@ -803,104 +803,15 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
         let (b, t) = (ids.size()[0], ids.size()[1]);
-        let dev = self.device;
         // An all-ones mask is no mask: SDPA can then use its causal kernel.
         let mask = match mask {
             Some(m) if m.f_all().op("attention mask")?.int64_value(&[]) == 0 => Some(m),
             _ => None,
         };
-        let causal = |len: i64, total: i64, valid: Option<&Tensor>| -> TchResult<Tensor> {
-            let q = Tensor::f_arange_start(len, len + t, (Kind::Int64, dev))?.f_unsqueeze(1)?;
-            let k = Tensor::f_arange(total, (Kind::Int64, dev))?.f_unsqueeze(0)?;
-            let allowed = k.f_le_tensor(&q)?; // [T, total]
-            let m = match valid {
-                // Padding keys are hidden; a query always sees itself, so no row is fully masked.
-                Some(v) => allowed
-                    .f_logical_and(&v.f_view([b, 1, 1, total])?)?
-                    .f_logical_or(&k.f_eq_tensor(&q)?)?,
-                None => allowed.f_view([1, 1, t, total])?,
-            };
-            Ok(m)
-        };
         let mut cache = cache;
         let (positions, attn_mask, is_causal) = match cache.as_deref_mut() {
-            None => {
-                match &mask {
-                    None => self.check_context(t)?,
-                    Some(m) => self.check_context(
-                        m.f_sum_dim_intlist(Some([1i64].as_slice()), false, Kind::Int64)
-                            .and_then(|n| n.f_max())
-                            .op("attention mask")?
-                            .int64_value(&[]),
-                    )?,
-                }
-                match &mask {
-                    None => {
-                        let pos = Tensor::f_arange(t, (Kind::Int64, dev))
-                            .and_then(|p| p.f_unsqueeze(0)?.f_expand([b, t], false))
-                            .op("positions")?;
-                        (pos, None, t > 1)
-                    }
-                    Some(m) => {
-                        let pos = positions_from_mask(m, None).op("positions")?;
-                        (
-                            pos,
-                            Some(causal(0, t, Some(m)).op("attention mask")?),
-                            false,
-                        )
-                    }
-                }
-            }
-            Some(cache) => {
-                if cache.batch != b {
-                    return Err(Error::input(format!(
-                        "the KV cache holds {} rows, the input {b}",
-                        cache.batch
-                    )));
-                }
-                let new_mask = match &mask {
-                    Some(m) => m.shallow_clone(),
-                    None => Tensor::f_ones([b, t], (Kind::Bool, dev)).op("attention mask")?,
-                };
-                // Each row's positions must stay inside the context (slots may exceed it when rows
-                // are padded or finished).
-                let next_pos = cache
-                    .next_pos
-                    .f_add(
-                        &new_mask
-                            .f_sum_dim_intlist(Some([1i64].as_slice()), false, Kind::Int64)
-                            .op("positions")?,
-                    )
-                    .op("positions")?;
-                self.check_context(next_pos.f_max().op("positions")?.int64_value(&[]))?;
-                cache.reserve(t)?;
-                let len = cache.len;
-                let pos = positions_from_mask(&new_mask, Some(&cache.next_pos)).op("positions")?;
-                cache
-                    .valid
-                    .f_narrow(1, len, t)
-                    .and_then(|mut v| v.f_copy_(&new_mask))
-                    .op("KV cache mask")?;
-                cache.next_pos = next_pos;
-                cache.all_valid &= mask.is_none();
-                let total = len + t;
-                let plan = if cache.all_valid {
-                    if len == 0 && t > 1 {
-                        (None, true)
-                    } else if t == 1 {
-                        (None, false)
-                    } else {
-                        (Some(causal(len, total, None).op("attention mask")?), false)
-                    }
-                } else {
-                    let valid = cache.valid.f_narrow(1, 0, total).op("attention mask")?;
-                    (
-                        Some(causal(len, total, Some(&valid)).op("attention mask")?),
-                        false,
-                    )
-                };
-                (pos, plan.0, plan.1)
-            }
+            None => self.positions_uncached(mask.as_ref(), b, t)?,
+            Some(cache) => self.positions_cached(cache, mask.as_ref(), b, t)?,
         };
         let (cos, sin) = self.rotary.cos_sin(&positions, self.kind)?;
         // Broadcast over heads once per forward, not in every layer.
@@ -928,6 +839,86 @@ impl CausalLm {
             }
         }
         self.norm.forward(&x).op("model.norm")
+    }
+
+    /// Positions and attention of a forward without a KV cache: `(positions [B, T], mask, is_causal)`.
+    fn positions_uncached(&self, mask: Option<&Tensor>, b: i64, t: i64) -> Result<AttnInputs> {
+        let dev = self.device;
+        let Some(m) = mask else {
+            self.check_context(t)?;
+            let pos = Tensor::f_arange(t, (Kind::Int64, dev))
+                .and_then(|p| p.f_unsqueeze(0)?.f_expand([b, t], false))
+                .op("positions")?;
+            return Ok((pos, None, t > 1));
+        };
+        self.check_context(
+            m.f_sum_dim_intlist(Some([1i64].as_slice()), false, Kind::Int64)
+                .and_then(|n| n.f_max())
+                .op("attention mask")?
+                .int64_value(&[]),
+        )?;
+        let pos = positions_from_mask(m, None).op("positions")?;
+        let attn = causal_mask(0, t, t, b, Some(m), dev).op("attention mask")?;
+        Ok((pos, Some(attn), false))
+    }
+
+    /// Positions and attention of a forward that appends `t` tokens to `cache` (whose mask,
+    /// positions and length it advances).
+    fn positions_cached(
+        &self,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+        b: i64,
+        t: i64,
+    ) -> Result<AttnInputs> {
+        let dev = self.device;
+        if cache.batch != b {
+            return Err(Error::input(format!(
+                "the KV cache holds {} rows, the input {b}",
+                cache.batch
+            )));
+        }
+        let new_mask = match mask {
+            Some(m) => m.shallow_clone(),
+            None => Tensor::f_ones([b, t], (Kind::Bool, dev)).op("attention mask")?,
+        };
+        // Each row's positions must stay inside the context (slots may exceed it when rows are
+        // padded or finished).
+        let next_pos = cache
+            .next_pos
+            .f_add(
+                &new_mask
+                    .f_sum_dim_intlist(Some([1i64].as_slice()), false, Kind::Int64)
+                    .op("positions")?,
+            )
+            .op("positions")?;
+        self.check_context(next_pos.f_max().op("positions")?.int64_value(&[]))?;
+        cache.reserve(t)?;
+        let len = cache.len;
+        let pos = positions_from_mask(&new_mask, Some(&cache.next_pos)).op("positions")?;
+        cache
+            .valid
+            .f_narrow(1, len, t)
+            .and_then(|mut v| v.f_copy_(&new_mask))
+            .op("KV cache mask")?;
+        cache.next_pos = next_pos;
+        cache.all_valid &= mask.is_none();
+        let total = len + t;
+        let (attn, is_causal) = if cache.all_valid {
+            if len == 0 && t > 1 {
+                (None, true)
+            } else if t == 1 {
+                (None, false)
+            } else {
+                let m = causal_mask(len, t, total, b, None, dev).op("attention mask")?;
+                (Some(m), false)
+            }
+        } else {
+            let valid = cache.valid.f_narrow(1, 0, total).op("attention mask")?;
+            let m = causal_mask(len, t, total, b, Some(&valid), dev).op("attention mask")?;
+            (Some(m), false)
+        };
+        Ok((pos, attn, is_causal))
     }
 
     /// Logits `[…, vocab]` from final hidden states.
@@ -1032,6 +1023,31 @@ pub fn log_softmax_at(logits: &Tensor, temperature: f64) -> Result<Tensor> {
         l.f_log_softmax(-1, None::<Kind>)
     };
     f().op("log-softmax")
+}
+
+/// `(positions [B, T], attention mask, is_causal)` of one forward.
+type AttnInputs = (Tensor, Option<Tensor>, bool);
+
+/// The boolean attention mask of `t` queries at positions `len..len + t` over `total` keys:
+/// causal, and with `valid` (`[B, total]`) padding keys hidden (a query always sees itself, so no
+/// row is fully masked). `[1, 1, T, total]` without `valid`, `[B, 1, T, total]` with it.
+fn causal_mask(
+    len: i64,
+    t: i64,
+    total: i64,
+    b: i64,
+    valid: Option<&Tensor>,
+    dev: Device,
+) -> TchResult<Tensor> {
+    let q = Tensor::f_arange_start(len, len + t, (Kind::Int64, dev))?.f_unsqueeze(1)?;
+    let k = Tensor::f_arange(total, (Kind::Int64, dev))?.f_unsqueeze(0)?;
+    let allowed = k.f_le_tensor(&q)?; // [T, total]
+    match valid {
+        Some(v) => allowed
+            .f_logical_and(&v.f_view([b, 1, 1, total])?)?
+            .f_logical_or(&k.f_eq_tensor(&q)?),
+        None => allowed.f_view([1, 1, t, total]),
+    }
 }
 
 #[cfg(test)]
