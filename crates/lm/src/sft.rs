@@ -437,69 +437,15 @@ pub fn train(
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         return Err(Error::input("SFT needs batch_size ≥ 1 and epochs ≥ 1"));
     }
-    let kept: Vec<&TrainExample> = data
-        .iter()
-        .filter(|e| e.loss_tokens() > 0 && e.tokens.len() >= 2)
-        .collect();
+    let kept = trainable_examples(data, model.config().max_position_embeddings)?;
     let skipped = data.len() - kept.len();
-    if kept.is_empty() {
-        return Err(Error::input(format!(
-            "no training example has a loss token ({} rows, all without an assistant turn or truncated away)",
-            data.len()
-        )));
-    }
     let max_len = kept.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
-    let ctx = model.config().max_position_embeddings;
-    if let Some(long) = kept.iter().find(|e| e.tokens.len() > ctx) {
-        return Err(Error::input(format!(
-            "example {}: {} tokens is longer than the model's context ({ctx}); truncate it (max_len)",
-            long.id,
-            long.tokens.len()
-        )));
-    }
     let steps = plan_steps(kept.len(), cfg);
     let total = steps.len() as u64;
     let sched = schedule(cfg, total);
     let ckpt_at = checkpoint_steps(cfg, total);
-
-    if let Trainable::Full = trainable {
-        for (_, p) in model.named_parameters() {
-            let _ = p.shallow_clone().set_requires_grad(true);
-        }
-    }
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: cfg.lr,
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: cfg.eps,
-        weight_decay: cfg.weight_decay,
-    })?;
-    for (k, p) in named_trainables(model, &trainable) {
-        opt.add(k, p)?;
-    }
-
-    // Resume from the latest checkpoint, if any.
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let mut start = 0u64;
-    if let Some((&n, dir)) = list_checkpoints(out)?.iter().next_back() {
-        let rec = TrainingRecord::load(dir)?;
-        if rec.config != *cfg || rec.data_hash != info.data_hash || rec.total_steps != total {
-            return Err(Error::input(format!(
-                "{} holds checkpoints of a different run (other data or settings); use a new output folder",
-                out.display()
-            )));
-        }
-        load_into(
-            &dir.join(weights_file(&trainable)),
-            &named_trainables(model, &trainable),
-        )?;
-        opt.load(dir.join(optimsyn_optim::state::FILE_NAME))?;
-        start = n;
-        tracing::info!(step = n, dir = %dir.display(), "resuming from checkpoint");
-    }
+    let mut opt = optimizer(model, &trainable, cfg)?;
+    let start = resume(model, &trainable, &mut opt, cfg, info, total, out)?;
     let metrics_path = out.join("metrics.jsonl");
     // A resumed run rewrites the rows logged after its checkpoint.
     optimsyn_data_io::truncate_rows_after(&metrics_path, "step", start)?;
@@ -523,43 +469,16 @@ pub fn train(
         let t0 = Instant::now();
         let step = step as u64;
         opt.zero_grad();
-        let n_examples = idx.len();
         let n_tokens: usize = idx.iter().map(|&i| kept[i].loss_tokens()).sum();
         let norm = match cfg.loss {
-            LossReduction::SampleMean => n_examples as f64,
+            LossReduction::SampleMean => idx.len() as f64,
             LossReduction::TokenMean => n_tokens as f64,
         };
-        let mut loss_total = 0.0;
         let micro = token_budget_batches(idx, |i| kept[i].tokens.len(), budget);
+        let mut loss_total = 0.0;
         for mb in &micro {
-            let rows: Vec<MaskedSeq<'_>> = mb.iter().map(|&i| kept[i].seq()).collect();
-            let batch = LossBatch::new(&rows, model.device())?;
-            if let Some(a) = lora {
-                let keys: Vec<u64> = mb.iter().map(|&i| row_key(&kept[i].id)).collect();
-                a.set_dropout(Some((cfg.seed, step)), &keys)?;
-            }
-            let per = match cfg.loss {
-                LossReduction::SampleMean => model.per_sample_loss(&batch),
-                LossReduction::TokenMean => model.masked_nll_sums(&batch),
-            };
-            if let Some(a) = lora {
-                a.set_dropout(None, &[])?;
-            }
-            let loss = per?
-                .f_sum(tch::Kind::Float)
-                .and_then(|l| l.f_div_scalar(norm))
-                .op("SFT loss")?;
-            let v = loss.double_value(&[]);
-            if !v.is_finite() {
-                let ids: Vec<&str> = mb.iter().map(|&i| kept[i].id.as_str()).collect();
-                return Err(Error::NonFiniteLoss {
-                    step: step + 1,
-                    value: v,
-                    ids: ids.join(", "),
-                });
-            }
-            loss_total += v;
-            loss.f_backward().op("SFT backward")?;
+            let rows: Vec<&TrainExample> = mb.iter().map(|&i| kept[i]).collect();
+            loss_total += micro_batch_backward(model, lora, &rows, cfg, step, norm)?;
         }
         let grad_norm = match cfg.max_grad_norm {
             Some(m) => opt.clip_grad_norm(m),
@@ -584,7 +503,7 @@ pub fn train(
             loss: loss_total,
             lr,
             grad_norm,
-            examples: n_examples,
+            examples: idx.len(),
             loss_tokens: n_tokens,
             micro_batches: micro.len(),
             seconds: t0.elapsed().as_secs_f64(),
@@ -615,28 +534,149 @@ pub fn train(
         }
     }
     metrics.sync()?;
-    // The final state also sits in `out` itself, so the folder is an adapter (or model) folder.
-    if let Some((_, last)) = list_checkpoints(out)?.iter().next_back() {
-        for entry in std::fs::read_dir(last)
-            .map_err(|source| Error::Io {
-                path: last.clone(),
-                source,
-            })?
-            .flatten()
-        {
-            // Files only: tools may keep folders of their own in a checkpoint (influence features).
-            if !entry.file_type().is_ok_and(|t| t.is_file()) {
-                continue;
-            }
-            let to = out.join(entry.file_name());
-            let bytes = std::fs::read(entry.path()).map_err(|source| Error::Io {
-                path: entry.path(),
-                source,
-            })?;
-            crate::save::write_atomic(&to, &bytes)?;
+    copy_last_checkpoint(out)?;
+    Ok(report)
+}
+
+/// The examples SFT trains on: those with a loss token and at least two tokens; an example
+/// longer than the context is an error naming it.
+fn trainable_examples(data: &[TrainExample], ctx: usize) -> Result<Vec<&TrainExample>> {
+    let kept: Vec<&TrainExample> = data
+        .iter()
+        .filter(|e| e.loss_tokens() > 0 && e.tokens.len() >= 2)
+        .collect();
+    if kept.is_empty() {
+        return Err(Error::input(format!(
+            "no training example has a loss token ({} rows, all without an assistant turn or truncated away)",
+            data.len()
+        )));
+    }
+    if let Some(long) = kept.iter().find(|e| e.tokens.len() > ctx) {
+        return Err(Error::input(format!(
+            "example {}: {} tokens is longer than the model's context ({ctx}); truncate it (max_len)",
+            long.id,
+            long.tokens.len()
+        )));
+    }
+    Ok(kept)
+}
+
+/// AdamW over the trainable parameters (all of the model's with [`Trainable::Full`]).
+fn optimizer(model: &CausalLm, trainable: &Trainable<'_>, cfg: &SftConfig) -> Result<AdamW> {
+    if let Trainable::Full = trainable {
+        for (_, p) in model.named_parameters() {
+            let _ = p.shallow_clone().set_requires_grad(true);
         }
     }
-    Ok(report)
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: cfg.lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    })?;
+    for (k, p) in named_trainables(model, trainable) {
+        opt.add(k, p)?;
+    }
+    Ok(opt)
+}
+
+/// Loads the latest checkpoint in `out` (weights and optimizer state) if there is one of this
+/// run; returns the step to go on from (0 for a fresh run).
+fn resume(
+    model: &CausalLm,
+    trainable: &Trainable<'_>,
+    opt: &mut AdamW,
+    cfg: &SftConfig,
+    info: &DataInfo,
+    total: u64,
+    out: &Path,
+) -> Result<u64> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let Some((n, dir)) = list_checkpoints(out)?.into_iter().next_back() else {
+        return Ok(0);
+    };
+    let rec = TrainingRecord::load(&dir)?;
+    if rec.config != *cfg || rec.data_hash != info.data_hash || rec.total_steps != total {
+        return Err(Error::input(format!(
+            "{} holds checkpoints of a different run (other data or settings); use a new output folder",
+            out.display()
+        )));
+    }
+    load_into(
+        &dir.join(weights_file(trainable)),
+        &named_trainables(model, trainable),
+    )?;
+    opt.load(dir.join(optimsyn_optim::state::FILE_NAME))?;
+    tracing::info!(step = n, dir = %dir.display(), "resuming from checkpoint");
+    Ok(n)
+}
+
+/// Forward and backward of one micro-batch (LoRA dropout keyed by each row's id and the step);
+/// returns its share of the step's loss.
+fn micro_batch_backward(
+    model: &CausalLm,
+    lora: Option<&LoraAdapter>,
+    rows: &[&TrainExample],
+    cfg: &SftConfig,
+    step: u64,
+    norm: f64,
+) -> Result<f64> {
+    let seqs: Vec<MaskedSeq<'_>> = rows.iter().map(|e| e.seq()).collect();
+    let batch = LossBatch::new(&seqs, model.device())?;
+    let per = {
+        let keys: Vec<u64> = rows.iter().map(|e| row_key(&e.id)).collect();
+        let _dropout = lora
+            .map(|a| a.dropout((cfg.seed, step), &keys))
+            .transpose()?;
+        match cfg.loss {
+            LossReduction::SampleMean => model.per_sample_loss(&batch),
+            LossReduction::TokenMean => model.masked_nll_sums(&batch),
+        }
+    };
+    let loss = per?
+        .f_sum(tch::Kind::Float)
+        .and_then(|l| l.f_div_scalar(norm))
+        .op("SFT loss")?;
+    let v = loss.double_value(&[]);
+    if !v.is_finite() {
+        let ids: Vec<&str> = rows.iter().map(|e| e.id.as_str()).collect();
+        return Err(Error::NonFiniteLoss {
+            step: step + 1,
+            value: v,
+            ids: ids.join(", "),
+        });
+    }
+    loss.f_backward().op("SFT backward")?;
+    Ok(v)
+}
+
+/// Copies the files of the last checkpoint into `out` itself, so the folder is an adapter (or
+/// model) folder. Files only: tools may keep folders of their own in a checkpoint (influence
+/// features).
+fn copy_last_checkpoint(out: &Path) -> Result<()> {
+    let Some((_, last)) = list_checkpoints(out)?.into_iter().next_back() else {
+        return Ok(());
+    };
+    let entries = std::fs::read_dir(&last).map_err(|source| Error::Io {
+        path: last.clone(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let to = out.join(entry.file_name());
+        let bytes = std::fs::read(entry.path()).map_err(|source| Error::Io {
+            path: entry.path(),
+            source,
+        })?;
+        crate::save::write_atomic(&to, &bytes)?;
+    }
+    Ok(())
 }
 
 fn save_checkpoint(
