@@ -59,6 +59,88 @@ fn param_layout(adapter: &LoraAdapter) -> Vec<(String, Vec<i64>)> {
         .collect()
 }
 
+/// The data format every checkpoint was trained on (or `requested`, which must agree), and each
+/// checkpoint's weight: its average learning rate, normalized, when every checkpoint records one
+/// (LESS's η̄ᵢ); equal weights otherwise.
+fn checkpoint_records(
+    adapters: &[PathBuf],
+    requested: Option<ChatFormat>,
+) -> Result<(ChatFormat, Vec<f64>)> {
+    let records: Vec<Option<TrainingRecord>> = adapters
+        .iter()
+        .map(|d| {
+            if d.join(TRAINING_FILE).exists() {
+                TrainingRecord::load(d).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let mut format = requested;
+    for (d, r) in adapters.iter().zip(&records) {
+        if let Some(f) = r.as_ref().and_then(|r| r.format) {
+            match format {
+                None => format = Some(f),
+                Some(g) if g != f => {
+                    return Err(Error::Checkpoint {
+                        path: d.join(TRAINING_FILE),
+                        message: format!(
+                            "the adapter was trained on the {f:?} format, but scoring asks for {g:?}: gradients would not match the warm-up"
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    let format = format.ok_or_else(|| {
+        Error::Input(
+            "the adapters have no training.json recording their data format: pass the format"
+                .into(),
+        )
+    })?;
+    let weights: Vec<f64> = if records
+        .iter()
+        .all(|r| r.as_ref().is_some_and(|r| r.avg_lr > 0.0))
+    {
+        let w: Vec<f64> = records
+            .iter()
+            .map(|r| r.as_ref().map_or(0.0, |r| r.avg_lr))
+            .collect();
+        let s: f64 = w.iter().sum();
+        w.iter().map(|x| x / s).collect()
+    } else {
+        vec![1.0 / adapters.len() as f64; adapters.len()]
+    };
+    Ok((format, weights))
+}
+
+/// The validation set's subtask names (sorted) and each example's index among them; every
+/// example must have a loss token.
+fn subtasks_of(val: &[TrainExample]) -> Result<(Vec<String>, Vec<usize>)> {
+    if let Some(e) = val.iter().find(|e| loss_tokens(e) == 0) {
+        return Err(Error::Input(format!(
+            "validation example {} has no loss token (no assistant turn?)",
+            e.id
+        )));
+    }
+    let mut names: Vec<String> = val
+        .iter()
+        .map(|e| e.subtask.clone().unwrap_or_default())
+        .collect();
+    names.sort();
+    names.dedup();
+    let index = val
+        .iter()
+        .map(|e| {
+            names
+                .binary_search(&e.subtask.clone().unwrap_or_default())
+                .unwrap_or(0)
+        })
+        .collect();
+    Ok((names, index))
+}
+
 /// L2-normalizes rows (zero rows stay zero).
 fn normalize(x: &Tensor) -> Result<Tensor> {
     let f = || -> std::result::Result<Tensor, tch::TchError> {
@@ -92,53 +174,7 @@ impl InfluenceScorer {
         let tokenizer = ChatTokenizer::from_model_dir(target)?;
         let mut model = CausalLm::load(target, opts)?;
         let adapter = LoraAdapter::load(&mut model, &adapters[0])?;
-        // Format and weights from each checkpoint's training record.
-        let records: Vec<Option<TrainingRecord>> = adapters
-            .iter()
-            .map(|d| {
-                if d.join(TRAINING_FILE).exists() {
-                    TrainingRecord::load(d).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<std::result::Result<_, _>>()?;
-        let mut format = cfg.format;
-        for (d, r) in adapters.iter().zip(&records) {
-            if let Some(f) = r.as_ref().and_then(|r| r.format) {
-                match format {
-                    None => format = Some(f),
-                    Some(g) if g != f => {
-                        return Err(Error::Checkpoint {
-                            path: d.join(TRAINING_FILE),
-                            message: format!(
-                                "the adapter was trained on the {f:?} format, but scoring asks for {g:?}: gradients would not match the warm-up"
-                            ),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let format = format.ok_or_else(|| {
-            Error::Input(
-                "the adapters have no training.json recording their data format: pass the format"
-                    .into(),
-            )
-        })?;
-        let weights: Vec<f64> = if records
-            .iter()
-            .all(|r| r.as_ref().is_some_and(|r| r.avg_lr > 0.0))
-        {
-            let w: Vec<f64> = records
-                .iter()
-                .map(|r| r.as_ref().map_or(0.0, |r| r.avg_lr))
-                .collect();
-            let s: f64 = w.iter().sum();
-            w.iter().map(|x| x / s).collect()
-        } else {
-            vec![1.0 / adapters.len() as f64; adapters.len()]
-        };
+        let (format, weights) = checkpoint_records(adapters, cfg.format)?;
         let layout = param_layout(&adapter);
         let p: usize = layout
             .iter()
@@ -147,26 +183,7 @@ impl InfluenceScorer {
         let projector = Projector::new(cfg.projector, p, cfg.cache_bytes)?;
 
         let val_enc = encode_examples(&tokenizer, val, format, cfg.max_len)?;
-        let mut names: Vec<String> = val_enc
-            .iter()
-            .map(|e| e.subtask.clone().unwrap_or_default())
-            .collect();
-        names.sort();
-        names.dedup();
-        let val_subtask: Vec<usize> = val_enc
-            .iter()
-            .map(|e| {
-                names
-                    .binary_search(&e.subtask.clone().unwrap_or_default())
-                    .unwrap_or(0)
-            })
-            .collect();
-        if let Some(e) = val_enc.iter().find(|e| loss_tokens(e) == 0) {
-            return Err(Error::Input(format!(
-                "validation example {} has no loss token (no assistant turn?)",
-                e.id
-            )));
-        }
+        let (names, val_subtask) = subtasks_of(&val_enc)?;
         let mut checkpoints = Vec::with_capacity(adapters.len());
         for (dir, weight) in adapters.iter().zip(weights) {
             adapter.load_weights(dir)?;

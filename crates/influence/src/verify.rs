@@ -140,23 +140,7 @@ pub fn verify(
     }
     let lr = match lr {
         Some(lr) => lr,
-        None => {
-            let mut mags: Vec<f64> = dots.iter().map(|d| d.abs()).collect();
-            mags.sort_by(f64::total_cmp);
-            let median = mags[mags.len() / 2];
-            if median == 0.0 {
-                return Err(Error::Input(
-                    "verify: the predicted changes are zero (a zero validation gradient?): pass a step size"
-                        .into(),
-                ));
-            }
-            let rel = if scorer.model().kind() == Kind::Float {
-                AUTO_RELATIVE_CHANGE
-            } else {
-                AUTO_RELATIVE_CHANGE_HALF
-            };
-            rel * base.abs().max(1e-2) / median
-        }
+        None => auto_step(scorer.model().kind(), base, &dots)?,
     };
     let params: Vec<Tensor> = scorer
         .adapter()
@@ -172,35 +156,14 @@ pub fn verify(
     let mut checks = Vec::with_capacity(cand.len());
     for (i, e) in cand.iter().enumerate() {
         let g = gamma.f_get(i as i64).op("update")?;
-        let predicted = -lr * dots[i];
-        {
-            let _ng = tch::no_grad_guard();
-            let mut off = 0i64;
-            for p in &params {
-                let n = p.numel() as i64;
-                let step = g
-                    .f_narrow(0, off, n)
-                    .and_then(|s| s.f_view(p.size().as_slice()))
-                    .op("update")?;
-                let mut q = p.shallow_clone();
-                let _ = q
-                    .f_sub_(&step.f_mul_scalar(lr).op("update")?)
-                    .op("update")?;
-                off += n;
-            }
-        }
-        let actual = mean_loss(scorer, &val)? - base;
-        {
-            let _ng = tch::no_grad_guard();
-            for (p, s) in params.iter().zip(&saved) {
-                let mut q = p.shallow_clone();
-                q.f_copy_(s).op("restoring weights")?;
-            }
-        }
+        apply_step(&params, &g, lr)?;
+        // The adapter is restored before any error of the measurement is passed on.
+        let after = mean_loss(scorer, &val);
+        restore(&params, &saved)?;
         checks.push(StepCheck {
             id: e.id.clone(),
-            predicted,
-            actual,
+            predicted: -lr * dots[i],
+            actual: after? - base,
         });
     }
     let (p, a): (Vec<f64>, Vec<f64>) = checks.iter().map(|c| (c.predicted, c.actual)).unzip();
@@ -218,4 +181,53 @@ pub fn verify(
         linearity,
         checks,
     })
+}
+
+/// The step size that changes the validation loss by about [`AUTO_RELATIVE_CHANGE`] of itself
+/// (more in half precision) for the median candidate.
+fn auto_step(kind: Kind, base: f64, dots: &[f64]) -> Result<f64> {
+    let mut mags: Vec<f64> = dots.iter().map(|d| d.abs()).collect();
+    mags.sort_by(f64::total_cmp);
+    let median = mags[mags.len() / 2];
+    if median == 0.0 {
+        return Err(Error::Input(
+            "verify: the predicted changes are zero (a zero validation gradient?): pass a step size"
+                .into(),
+        ));
+    }
+    let rel = if kind == Kind::Float {
+        AUTO_RELATIVE_CHANGE
+    } else {
+        AUTO_RELATIVE_CHANGE_HALF
+    };
+    Ok(rel * base.abs().max(1e-2) / median)
+}
+
+/// One SGD step `p -= lr · g` on the adapter's parameters (`g` flat, in their order).
+fn apply_step(params: &[Tensor], g: &Tensor, lr: f64) -> Result<()> {
+    let _ng = tch::no_grad_guard();
+    let mut off = 0i64;
+    for p in params {
+        let n = p.numel() as i64;
+        let step = g
+            .f_narrow(0, off, n)
+            .and_then(|s| s.f_view(p.size().as_slice()))
+            .op("update")?;
+        let mut q = p.shallow_clone();
+        let _ = q
+            .f_sub_(&step.f_mul_scalar(lr).op("update")?)
+            .op("update")?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// Copies the saved weights back into the adapter's parameters.
+fn restore(params: &[Tensor], saved: &[Tensor]) -> Result<()> {
+    let _ng = tch::no_grad_guard();
+    for (p, s) in params.iter().zip(saved) {
+        let mut q = p.shallow_clone();
+        q.f_copy_(s).op("restoring weights")?;
+    }
+    Ok(())
 }
