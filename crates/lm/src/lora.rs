@@ -937,7 +937,7 @@ impl LoraAdapter {
                 ),
             });
         }
-        crate::sft::load_into(&dir.join(WEIGHTS_FILE), &self.named_parameters())
+        crate::weights::load_into(&dir.join(WEIGHTS_FILE), &self.named_parameters())
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) in PEFT's layout,

@@ -11,7 +11,7 @@ impl CausalLm {
     /// Replaces every weight with those of a `model.safetensors` written by
     /// [`CausalLm::save_pretrained`] for the same configuration (strict: same names and shapes).
     pub fn load_weights(&self, file: impl AsRef<Path>) -> Result<()> {
-        crate::sft::load_into(file.as_ref(), &self.named_parameters())
+        crate::weights::load_into(file.as_ref(), &self.named_parameters())
     }
 
     /// Writes `config.json`, `model.safetensors` (in the model's compute kind; a tied output

@@ -34,7 +34,7 @@ use crate::lora::LoraAdapter;
 use crate::loss::{LossBatch, MaskedSeq};
 use crate::model::CausalLm;
 use crate::sampling::row_key;
-use crate::weights::WeightStore;
+use crate::weights::load_into;
 
 /// File name of the training record beside an adapter.
 pub const TRAINING_FILE: &str = "training.json";
@@ -381,36 +381,6 @@ pub fn list_checkpoints(dir: impl AsRef<Path>) -> Result<BTreeMap<u64, PathBuf>>
         }
     }
     Ok(out)
-}
-
-/// Copies the tensors of a safetensors file into `params` (same keys, same shapes), strictly.
-pub(crate) fn load_into(path: &Path, params: &[(String, &Tensor)]) -> Result<()> {
-    let store = WeightStore::open_file(path)?;
-    let _g = tch::no_grad_guard();
-    for (k, p) in params {
-        let Some((_, info)) = store.info(k) else {
-            return Err(Error::weight(path, k, "missing from the checkpoint"));
-        };
-        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        if shape != p.size() {
-            return Err(Error::weight(
-                path,
-                k,
-                format!("shape {shape:?}, the model has {:?}", p.size()),
-            ));
-        }
-        let t = store.load(k, p.kind(), p.device())?;
-        let mut dst = p.shallow_clone();
-        dst.f_copy_(&t).op_with(|| format!("restoring `{k}`"))?;
-    }
-    if let Some(extra) = store.names().find(|n| !params.iter().any(|(k, _)| k == n)) {
-        return Err(Error::weight(
-            path,
-            extra,
-            "unexpected: the model being trained has no such parameter",
-        ));
-    }
-    Ok(())
 }
 
 fn weights_file(t: &Trainable<'_>) -> &'static str {

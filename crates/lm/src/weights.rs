@@ -185,3 +185,33 @@ impl WeightStore {
         }
     }
 }
+
+/// Copies the tensors of a safetensors file into `params` (same keys, same shapes), strictly.
+pub(crate) fn load_into(path: &Path, params: &[(String, &Tensor)]) -> Result<()> {
+    let store = WeightStore::open_file(path)?;
+    let _g = tch::no_grad_guard();
+    for (k, p) in params {
+        let Some((_, info)) = store.info(k) else {
+            return Err(Error::weight(path, k, "missing from the checkpoint"));
+        };
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if shape != p.size() {
+            return Err(Error::weight(
+                path,
+                k,
+                format!("shape {shape:?}, the model has {:?}", p.size()),
+            ));
+        }
+        let t = store.load(k, p.kind(), p.device())?;
+        let mut dst = p.shallow_clone();
+        dst.f_copy_(&t).op_with(|| format!("restoring `{k}`"))?;
+    }
+    if let Some(extra) = store.names().find(|n| !params.iter().any(|(k, _)| k == n)) {
+        return Err(Error::weight(
+            path,
+            extra,
+            "unexpected: the model being trained has no such parameter",
+        ));
+    }
+    Ok(())
+}
