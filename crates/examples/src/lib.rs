@@ -56,12 +56,6 @@ fn cache_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| "set OPTIMSYN_CACHE (no HOME to put the bench model under)".to_string())
 }
 
-fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
-}
-
 /// The bench model folder: `OPTIMSYN_BENCH_MODEL`, else a cached one, written on first use by
 /// `python/bench/make_bench_model.py` from [`bench_model_spec_dir`] (the folder name carries a hash
 /// of the script and the shape's config, so a change to either writes a fresh one). Only the
@@ -91,7 +85,11 @@ pub fn bench_model_dir() -> Result<PathBuf, String> {
             )
         })
     };
-    let key = fnv1a(fnv1a(0xcbf29ce484222325, &read(&script)?), &read(&config)?);
+    // FNV-1a over script then config: the cached folder's name depends on it, so it must not change.
+    let key = optimsyn_fsio::hash::Fnv1a::new()
+        .update(&read(&script)?)
+        .update(&read(&config)?)
+        .finish();
     let dir = cache_dir()?
         .join("bench")
         .join(format!("qwen3-30m-seed0-{:08x}", key as u32));
