@@ -1,34 +1,12 @@
-//! Snapshot tests of rendered generator prompts. Snapshots live in `tests/snapshots/`; after a
-//! deliberate template change, rerun with `UPDATE_SNAPSHOTS=1` and review the diff.
-
-use std::path::PathBuf;
+//! Snapshot tests of rendered generator prompts, with `insta`. Snapshots live in
+//! `tests/integration/snapshots/`; after a deliberate template change, rerun with
+//! `INSTA_UPDATE=always` (or `cargo insta review`) and review the diff. A mismatch always fails.
 
 use optimsyn_data_io::{ChatMessage, ChatTokenizer};
 use optimsyn_synth::{QaPrompt, QaTask, RubricSections, Synthesizer};
 use serde_json::json;
 
 use crate::common::{local, model_dir};
-
-fn assert_snapshot(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots")
-        .join(format!("{name}.txt"));
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("snapshot dir");
-        std::fs::write(&path, actual).expect("write snapshot");
-        return;
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "missing snapshot {}; run with UPDATE_SNAPSHOTS=1 to create it",
-            path.display()
-        )
-    });
-    assert!(
-        want == actual,
-        "snapshot {name} differs (rerun with UPDATE_SNAPSHOTS=1 if intended)\n--- want\n{want}\n--- got\n{actual}"
-    );
-}
 
 fn show(messages: &[ChatMessage]) -> String {
     messages
@@ -54,7 +32,7 @@ fn builtin_prompt_with_a_full_rubric() {
     let m = QaPrompt::builtin()
         .render("Economics", DOC, &economics_rubric())
         .unwrap();
-    assert_snapshot("builtin_full_rubric", &show(&m));
+    insta::assert_snapshot!("builtin_full_rubric", &show(&m));
 }
 
 #[test]
@@ -63,7 +41,7 @@ fn builtin_prompt_with_missing_sections() {
     let m = QaPrompt::builtin()
         .render("Medical and Health", "Aspirin inhibits cyclooxygenase.", &r)
         .unwrap();
-    assert_snapshot("builtin_missing_sections", &show(&m));
+    insta::assert_snapshot!("builtin_missing_sections", &show(&m));
 }
 
 #[test]
@@ -77,7 +55,7 @@ fn templates_overridden_from_files() {
     .unwrap();
     let p = QaPrompt::from_files(None, Some(&user)).unwrap();
     let m = p.render("Economics", DOC, &economics_rubric()).unwrap();
-    assert_snapshot("override_user_from_file", &show(&m));
+    insta::assert_snapshot!("override_user_from_file", &show(&m));
     // An error names the file.
     std::fs::write(&user, "{{ rubric.nope.deeper }}").unwrap();
     let e = QaPrompt::from_files(None, Some(&user))
@@ -108,5 +86,5 @@ fn the_generator_sees_the_chat_template_applied() {
     let rendered = tok
         .render_chat_with(&messages, true, &Default::default())
         .unwrap();
-    assert_snapshot("chatml_generator_prompt", &rendered.text);
+    insta::assert_snapshot!("chatml_generator_prompt", &rendered.text);
 }
