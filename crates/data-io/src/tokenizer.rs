@@ -1,5 +1,6 @@
 //! A model folder's tokenizer and chat template, and the rendering of chat examples into token ids
-//! plus a loss mask (DESIGN.md, "Semantics every crate shares").
+//! plus a loss mask (docs/GUIDE.md, "From a conversation to tokens"; docs/COMPATIBILITY.md, "Chat
+//! templates" and "Tulu format").
 //!
 //! - [`ChatFormat::ChatTemplate`]: the model's own template renders the conversation to one string,
 //!   which is encoded once without adding special tokens (as `apply_chat_template(tokenize=True)`).

@@ -1,6 +1,7 @@
 //! Batched generation with a KV cache: left-padded prompts, per-row seeded sampling, and each
-//! generated token's log-prob as DESIGN.md defines it (`log_softmax(logits / T)` over the full
-//! vocabulary, before truncation; plain `log_softmax` at T = 0).
+//! generated token's log-prob as docs/GUIDE.md ("Language models") defines it
+//! (`log_softmax(logits / T)` over the full vocabulary, before truncation; plain `log_softmax` at
+//! T = 0).
 
 use tch::{Kind, Tensor};
 
