@@ -78,12 +78,14 @@
 
 mod adamw;
 mod clip;
+mod config;
 mod error;
 mod schedule;
 pub mod state;
 
-pub use adamw::{AdamW, AdamWConfig, GroupId, ParamGroup};
+pub use adamw::{AdamW, GroupId, ParamGroup};
 pub use clip::{clip_grad_norm, grad_norm};
+pub use config::AdamWConfig;
 pub use error::{Error, Result};
 pub use schedule::LrSchedule;
 pub use state::{OptimizerState, ParamState};

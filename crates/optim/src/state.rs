@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Device, Kind, Tensor};
 
-use crate::adamw::AdamWConfig;
+use crate::config::AdamWConfig;
 use crate::error::{Error, Result, torch};
 
 /// The value of the `format` metadata entry this crate writes.
