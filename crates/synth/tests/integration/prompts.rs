@@ -8,6 +8,12 @@ use serde_json::json;
 
 use crate::common::{local, model_dir};
 
+/// `text` with an end marker: insta trims trailing whitespace before storing and comparing, and a
+/// prompt's trailing newlines are tokens the model sees, so the marker keeps them in the snapshot.
+fn exact(text: &str) -> String {
+    format!("{text}<<END>>")
+}
+
 fn show(messages: &[ChatMessage]) -> String {
     messages
         .iter()
@@ -32,7 +38,7 @@ fn builtin_prompt_with_a_full_rubric() {
     let m = QaPrompt::builtin()
         .render("Economics", DOC, &economics_rubric())
         .unwrap();
-    insta::assert_snapshot!("builtin_full_rubric", &show(&m));
+    insta::assert_snapshot!("builtin_full_rubric", exact(&show(&m)));
 }
 
 #[test]
@@ -41,7 +47,7 @@ fn builtin_prompt_with_missing_sections() {
     let m = QaPrompt::builtin()
         .render("Medical and Health", "Aspirin inhibits cyclooxygenase.", &r)
         .unwrap();
-    insta::assert_snapshot!("builtin_missing_sections", &show(&m));
+    insta::assert_snapshot!("builtin_missing_sections", exact(&show(&m)));
 }
 
 #[test]
@@ -55,7 +61,7 @@ fn templates_overridden_from_files() {
     .unwrap();
     let p = QaPrompt::from_files(None, Some(&user)).unwrap();
     let m = p.render("Economics", DOC, &economics_rubric()).unwrap();
-    insta::assert_snapshot!("override_user_from_file", &show(&m));
+    insta::assert_snapshot!("override_user_from_file", exact(&show(&m)));
     // An error names the file.
     std::fs::write(&user, "{{ rubric.nope.deeper }}").unwrap();
     let e = QaPrompt::from_files(None, Some(&user))
@@ -86,5 +92,5 @@ fn the_generator_sees_the_chat_template_applied() {
     let rendered = tok
         .render_chat_with(&messages, true, &Default::default())
         .unwrap();
-    insta::assert_snapshot!("chatml_generator_prompt", &rendered.text);
+    insta::assert_snapshot!("chatml_generator_prompt", exact(&rendered.text));
 }
