@@ -1,7 +1,8 @@
 //! Snapshot tests of rendered policy prompts: the built-in guiding text, the demo's templates, and
 //! the final text under real chat templates (Qwen3 with thinking on and off, Llama 3.1), since the
-//! policy is trained on exactly these tokens. Snapshots live in `tests/snapshots/`; after a
-//! deliberate template change, rerun with `UPDATE_SNAPSHOTS=1` and review the diff.
+//! policy is trained on exactly these tokens. Snapshots (`insta`) live in
+//! `tests/integration/snapshots/`; after a deliberate template change, rerun with
+//! `INSTA_UPDATE=always` (or `cargo insta review`) and review the diff. A mismatch always fails.
 
 use std::path::PathBuf;
 
@@ -9,24 +10,10 @@ use optimsyn_data_io::{ChatMessage, ChatTokenizer};
 use optimsyn_rubric_policy::PolicyPrompt;
 use serde_json::{Map, Value};
 
-fn assert_snapshot(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots")
-        .join(format!("{name}.txt"));
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "missing snapshot {}; run with UPDATE_SNAPSHOTS=1 to create it",
-            path.display()
-        )
-    });
-    assert!(
-        want == actual,
-        "snapshot {name} differs (rerun with UPDATE_SNAPSHOTS=1 if intended)\n--- want\n{want}\n--- got\n{actual}"
-    );
+/// `text` with an end marker: insta trims trailing whitespace before storing and comparing, and a
+/// prompt's trailing newlines are tokens the model sees, so the marker keeps them in the snapshot.
+fn exact(text: &str) -> String {
+    format!("{text}<<END>>")
 }
 
 fn show(messages: &[ChatMessage]) -> String {
@@ -51,7 +38,7 @@ fn builtin_guiding_text() {
     let m = PolicyPrompt::default()
         .messages("Humanities and Social Science", DOC)
         .unwrap();
-    assert_snapshot("builtin_policy_messages", &show(&m));
+    insta::assert_snapshot!("builtin_policy_messages", exact(&show(&m)));
 }
 
 #[test]
@@ -65,7 +52,7 @@ fn demo_templates() {
     let m = p
         .messages("medicine", "Nevlorex acts on the skin.")
         .unwrap();
-    assert_snapshot("demo_policy_messages", &show(&m));
+    insta::assert_snapshot!("demo_policy_messages", exact(&show(&m)));
 }
 
 #[test]
@@ -76,7 +63,7 @@ fn under_the_qwen3_template_with_and_without_thinking() {
         let mut kwargs = Map::new();
         kwargs.insert("enable_thinking".into(), Value::Bool(thinking));
         let text = tok.render_chat_with(&m, true, &kwargs).unwrap().text;
-        assert_snapshot(&format!("policy_prompt_{name}"), &text);
+        insta::assert_snapshot!(format!("policy_prompt_{name}"), exact(&text));
         // `encode` renders the same text.
         let ids = PolicyPrompt::default()
             .encode(&tok, "History", DOC, Some(thinking))
@@ -93,5 +80,5 @@ fn under_the_llama31_template() {
         .render_chat_with(&m, true, &Default::default())
         .unwrap()
         .text;
-    assert_snapshot("policy_prompt_llama31", &text);
+    insta::assert_snapshot!("policy_prompt_llama31", exact(&text));
 }
