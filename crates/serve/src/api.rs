@@ -19,6 +19,18 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
+    /// 404 for a model this server does not serve (OpenAI's `model_not_found`).
+    pub(crate) fn model_not_found(asked: &str, served: &str) -> ApiError {
+        ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..ApiError::status(
+                404,
+                format!("the model `{asked}` does not exist; this server serves `{served}`"),
+            )
+        }
+    }
+
     /// A 400 `invalid_request_error`, naming the field when one is at fault.
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         ApiError {

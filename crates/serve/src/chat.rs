@@ -23,7 +23,6 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use crate::Shared;
 use crate::api::{ApiError, json_response, parse_request};
 use crate::engine::{Decoded, Job, Msg, Sampling, decode_row};
-use crate::http::model_not_found;
 
 /// The handler.
 pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
@@ -364,7 +363,7 @@ fn budget(
 
 fn plan(sh: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
     if req.model != sh.name {
-        return Err(model_not_found(&req.model, &sh.name));
+        return Err(ApiError::model_not_found(&req.model, &sh.name));
     }
     let msgs = messages(req)?;
     let (n, sampling) = sampling(sh, req)?;

@@ -168,7 +168,7 @@ async fn model(State(sh): State<Arc<Shared>>, Path(id): Path<String>) -> Respons
     if id == sh.name {
         json_response(StatusCode::OK, &model_object(&sh.name, sh.created))
     } else {
-        model_not_found(&id, &sh.name).into_response()
+        ApiError::model_not_found(&id, &sh.name).into_response()
     }
 }
 
@@ -191,17 +191,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         format!("{method} is not allowed on {}; use {allowed}", uri.path()),
     )
     .into_response()
-}
-
-pub(crate) fn model_not_found(asked: &str, served: &str) -> ApiError {
-    ApiError {
-        param: Some("model".into()),
-        code: Some("model_not_found"),
-        ..ApiError::status(
-            404,
-            format!("the model `{asked}` does not exist; this server serves `{served}`"),
-        )
-    }
 }
 
 /// A connection whose writes fail once the client has read nothing for `limit`: a client that
