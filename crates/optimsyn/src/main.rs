@@ -1,5 +1,5 @@
 //! The `optimsyn` program: thin glue over the optimsyn crates. Each subcommand reads and writes the
-//! formats of DESIGN.md and, on bad input, prints one clear line and exits non-zero.
+//! formats of docs/GUIDE.md and, on bad input, prints one clear line and exits non-zero.
 
 // Flag docs are clap's `--help` text, where `[default]` is plain text, not an intra-doc link.
 #![allow(rustdoc::broken_intra_doc_links)]

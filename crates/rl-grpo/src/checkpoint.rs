@@ -66,23 +66,15 @@ pub struct TrainerState {
 
 /// A fingerprint of a prompt set (FNV-1a over ids and tokens, hex).
 pub fn prompts_fingerprint(prompts: &[Prompt]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
+    let mut h = optimsyn_fsio::hash::Fnv1a::new();
     for p in prompts {
-        for b in prompt_key(&p.id).to_le_bytes() {
-            eat(b);
-        }
+        h.update(&prompt_key(&p.id).to_le_bytes());
         for t in &p.tokens {
-            for b in t.to_le_bytes() {
-                eat(b);
-            }
+            h.update(&t.to_le_bytes());
         }
-        eat(0xff);
+        h.update(&[0xff]);
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.finish())
 }
 
 /// Reads and checks `dir/trainer_state.json`.
@@ -158,28 +150,21 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("checkpoint-{step}")
 }
 
-/// Moves the finished temporary folder `tmp` to `dir`. An older `dir` is first moved aside and
-/// removed only once the new one is in place, so `dir` is missing for no longer than between two
-/// renames.
+/// Moves the finished temporary folder `tmp` to `dir` (synced; an older `dir` is moved aside and
+/// removed only once the new one is in place: [`optimsyn_fsio::publish_dir`]).
 pub(crate) fn publish(tmp: &Path, dir: &Path) -> Result<()> {
-    let aside = dir.with_file_name(format!(
-        ".{}.old-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &aside)
-            .map_err(|e| Error::io(dir, "cannot move the old checkpoint aside", e))?;
-    }
-    std::fs::rename(tmp, dir)
-        .map_err(|e| Error::io(dir, "cannot move the checkpoint into place", e))?;
-    if had_old {
-        std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, "cannot remove", e))?;
-    }
-    Ok(())
+    optimsyn_fsio::publish_dir(tmp, dir).map_err(|e| match e {
+        optimsyn_fsio::Error::Io {
+            path,
+            action,
+            source,
+        } => Error::io(path, action, source),
+        other => Error::io(
+            dir,
+            "cannot publish the checkpoint",
+            std::io::Error::other(other),
+        ),
+    })
 }
 
 /// Removes all but the newest `keep` `checkpoint-N` folders of `out` (never `current`).

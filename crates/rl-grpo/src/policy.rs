@@ -4,7 +4,7 @@
 //! The trainer never sees a model. It asks the policy to *sample* `G` completions per prompt
 //! (with the log-prob of each sampled token at the rollout temperature), to *recompute* those
 //! log-probs with gradients on micro-batches, for its *trainable parameters* (to build the
-//! optimizer), and to *save* and *load* itself for checkpoints. Log-probs are, as DESIGN.md defines
+//! optimizer), and to *save* and *load* itself for checkpoints. Log-probs are, as docs/GUIDE.md defines
 //! them, `log_softmax(logits / T)` over the full vocabulary at the rollout temperature `T` (plain
 //! `log_softmax` at `T = 0`), before any top-k/top-p truncation.
 //!

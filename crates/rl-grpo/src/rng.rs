@@ -10,13 +10,7 @@ pub(crate) const DOMAIN_SAMPLING: u64 = 0x5341_4d50_4c45_0001;
 pub(crate) const DOMAIN_DATA: u64 = 0x4441_5441_4f52_0002;
 pub(crate) const DOMAIN_MINIBATCH: u64 = 0x4d49_4e49_4241_0003;
 
-/// SplitMix64's finalizer: a bijective 64-bit mix.
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use optimsyn_fsio::hash::{fnv1a64, splitmix64 as splitmix};
 
 /// Combines a seed with one more coordinate into a new seed (order matters).
 pub fn mix(seed: u64, coordinate: u64) -> u64 {
@@ -26,12 +20,7 @@ pub fn mix(seed: u64, coordinate: u64) -> u64 {
 /// A stable 64-bit key of a prompt id (FNV-1a), so that a prompt keeps its random streams whatever
 /// batch or position it is sampled in.
 pub fn prompt_key(id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    fnv1a64(id.as_bytes())
 }
 
 /// The row key of sample `g` of the prompt with id `id`: the stream a policy draws that
