@@ -716,8 +716,12 @@ mini_batch_prompts = 2
     fn overrides_set_dotted_keys_and_bad_ones_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), OK);
-        let sets = ["steps=7", "grpo.optimizer.lr=0.5", "influence.projector=sjlt"]
-            .map(String::from);
+        let sets = [
+            "steps=7",
+            "grpo.optimizer.lr=0.5",
+            "influence.projector=sjlt",
+        ]
+        .map(String::from);
         let cfg = RunConfig::load_with_overrides(&path, &sets).unwrap();
         assert_eq!(cfg.steps, 7);
         assert_eq!(cfg.grpo.optimizer.lr, 0.5);
