@@ -68,4 +68,7 @@ pub use sft::{
     DataInfo, EvalReport, LossReduction, ScheduleKind, SftConfig, SftReport, StepMetrics,
     TrainExample, Trainable, TrainingRecord,
 };
+/// The tch this crate is built on: tensors passed to and from its API are of this version, so
+/// code that uses both needs no version of its own to keep in step.
+pub use tch;
 pub use weights::{WeightStore, kind_of_dtype};

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use optimsyn_data_io::{ChatTokenizer, SeedDoc};
-use optimsyn_lm::{CausalLm, FinishReason, LoraAdapter, SamplingParams, log_softmax_at, row_key};
+use optimsyn_lm::{CausalLm, FinishReason, LoraAdapter, SamplingParams, row_key};
 use optimsyn_rl_grpo::{
     Completion, Policy, PolicyLogprobs, RolloutConfig, SampleRequest, TokenBatch,
 };
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::prompt::PolicyPrompt;
@@ -53,13 +53,6 @@ pub struct RubricDraft {
     pub rubric: std::result::Result<Rubric, RubricError>,
     /// The output hit the token budget before a stop token.
     pub truncated: bool,
-}
-
-fn torch(op: &str) -> impl FnOnce(tch::TchError) -> Error + '_ {
-    move |source| Error::Torch {
-        op: op.to_string(),
-        source,
-    }
 }
 
 /// A causal LM that writes rubrics, trainable by GRPO: either a LoRA adapter on a frozen base
@@ -163,26 +156,10 @@ impl RubricPolicy {
             .predicting(&hidden)
             .map_err(|e| Error::Input(e.to_string()))?;
         let logits = self.model.logits(&h)?;
-        let lsm = log_softmax_at(&logits, temperature)?;
-        let lp = lsm
-            .f_gather(
-                -1,
-                &packed.targets.f_unsqueeze(-1).map_err(torch("gather"))?,
-                false,
-            )
-            .and_then(|t| t.f_squeeze_dim(-1))
-            .map_err(torch("completion log-probs"))?;
-        let ent = if entropy {
-            let e = lsm
-                .f_exp()
-                .and_then(|p| p.f_mul(&lsm))
-                .and_then(|x| x.f_sum_dim_intlist(Some([-1i64].as_slice()), false, Kind::Float))
-                .and_then(|x| x.f_neg())
-                .map_err(torch("entropy"))?;
-            Some(e)
-        } else {
-            None
-        };
+        // One implementation of log-probs and entropy for every tch policy: rl-grpo's.
+        let (lp, ent) =
+            optimsyn_rl_grpo::logprobs_from_logits(&logits, &packed.targets, temperature, entropy)
+                .map_err(|e| Error::Input(e.to_string()))?;
         Ok(PolicyLogprobs {
             logprobs: lp,
             entropy: ent,
