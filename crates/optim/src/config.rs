@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 /// eps 1e-8, weight decay 1e-2.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
-    /// Learning rate (the base lr; a schedule sets the current one with [`AdamW::set_lr`]).
+    /// Learning rate (the base lr; a schedule sets the current one with
+    /// [`AdamW::set_lr`](crate::AdamW::set_lr)).
     pub lr: f64,
     /// Decay of the first moment.
     pub beta1: f64,
