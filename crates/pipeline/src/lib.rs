@@ -16,7 +16,7 @@
 //! OUT/*.card.json, *.card.md a dataset card beside the pool and each final dataset
 //! OUT/report.md, OUT/rl.svg  a report and a plot of the RL run
 //! ```
-
+//!
 //! Driving the loop from Rust, with a custom reward (the runnable version is
 //! `examples/pipeline_custom_reward.rs`):
 //!
