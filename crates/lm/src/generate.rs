@@ -152,18 +152,7 @@ impl CausalLm {
             )));
         }
         let ctx = self.config().max_position_embeddings;
-        for (i, p) in prompts.iter().enumerate() {
-            if p.is_empty() {
-                return Err(Error::input(format!("row {i}: empty prompt")));
-            }
-            self.check_row(i, p)?;
-            if p.len() >= ctx {
-                return Err(Error::input(format!(
-                    "row {i}: prompt of {} tokens leaves no room to generate in the model's context ({ctx} tokens)",
-                    p.len()
-                )));
-            }
-        }
+        self.check_prompts(prompts, ctx)?;
         let b = prompts.len();
         let budgets: Vec<usize> = prompts
             .iter()
@@ -194,32 +183,7 @@ impl CausalLm {
         let vocab = self.config().vocab_size;
         for step in 0..steps {
             let logits = self.logits(&last)?; // [B, V]
-            let mut chosen = vec![0i64; b];
-            if params.is_greedy() {
-                let tok = logits.f_argmax(-1, false).op("greedy choice")?;
-                let lp = to_vec_f32(&logprobs_of(&logits, &tok, 0.0)?)?;
-                let tok = Vec::<i64>::try_from(&tok).op("greedy choice")?;
-                for i in 0..b {
-                    if !done[i] {
-                        chosen[i] = tok[i];
-                        out[i].logprobs.push(lp[i]);
-                    }
-                }
-            } else {
-                let lp = to_vec_f32(&log_softmax_at(&logits, params.temperature)?)?;
-                for i in 0..b {
-                    if !done[i] {
-                        let row = &lp[i * vocab..(i + 1) * vocab];
-                        let t = if params.top_k == 1 {
-                            argmax(row)
-                        } else {
-                            sample(row, params.top_k, params.top_p, &mut rngs[i])
-                        };
-                        chosen[i] = t as i64;
-                        out[i].logprobs.push(row[t]);
-                    }
-                }
-            }
+            let chosen = choose_tokens(&logits, params, &done, &mut rngs, &mut out, vocab)?;
             for i in 0..b {
                 if done[i] {
                     continue;
@@ -236,25 +200,90 @@ impl CausalLm {
             if done.iter().all(|d| *d) || step + 1 == steps {
                 break;
             }
-            let next = Tensor::f_from_slice(&chosen)
-                .and_then(|t| t.f_view([b as i64, 1])?.f_to_device(self.device()))
-                .op("next tokens")?;
-            // Finished rows are fed as padding: they neither advance nor attend to anything useful.
-            let mask = if done.iter().any(|d| *d) {
-                let m: Vec<i64> = done.iter().map(|d| i64::from(!*d)).collect();
-                Some(
-                    Tensor::f_from_slice(&m)
-                        .and_then(|t| t.f_view([b as i64, 1])?.f_to_device(self.device()))
-                        .op("decode mask")?,
-                )
-            } else {
-                None
-            };
+            let (next, mask) = decode_inputs(&chosen, &done, self.device())?;
             let h = self.forward_hidden(&next, mask.as_ref(), Some(&mut cache))?;
             last = h.f_select(1, 0).op("last hidden state")?;
         }
         Ok(out)
     }
+
+    /// Every prompt is non-empty, in the vocabulary, and leaves room to generate in a context of
+    /// `ctx` tokens.
+    fn check_prompts(&self, prompts: &[&[u32]], ctx: usize) -> Result<()> {
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Error::input(format!("row {i}: empty prompt")));
+            }
+            self.check_row(i, p)?;
+            if p.len() >= ctx {
+                return Err(Error::input(format!(
+                    "row {i}: prompt of {} tokens leaves no room to generate in the model's context ({ctx} tokens)",
+                    p.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The next token of every unfinished row (greedy, or sampled from its own stream), with its
+/// log-prob appended to the row's output; finished rows get token 0.
+fn choose_tokens(
+    logits: &Tensor,
+    params: &SamplingParams,
+    done: &[bool],
+    rngs: &mut [RowRng],
+    out: &mut [Generation],
+    vocab: usize,
+) -> Result<Vec<i64>> {
+    let b = done.len();
+    let mut chosen = vec![0i64; b];
+    if params.is_greedy() {
+        let tok = logits.f_argmax(-1, false).op("greedy choice")?;
+        let lp = to_vec_f32(&logprobs_of(logits, &tok, 0.0)?)?;
+        let tok = Vec::<i64>::try_from(&tok).op("greedy choice")?;
+        for i in (0..b).filter(|&i| !done[i]) {
+            chosen[i] = tok[i];
+            out[i].logprobs.push(lp[i]);
+        }
+    } else {
+        let lp = to_vec_f32(&log_softmax_at(logits, params.temperature)?)?;
+        for i in (0..b).filter(|&i| !done[i]) {
+            let row = &lp[i * vocab..(i + 1) * vocab];
+            let t = if params.top_k == 1 {
+                argmax(row)
+            } else {
+                sample(row, params.top_k, params.top_p, &mut rngs[i])
+            };
+            chosen[i] = t as i64;
+            out[i].logprobs.push(row[t]);
+        }
+    }
+    Ok(chosen)
+}
+
+/// The next decode step's input `[B, 1]` and, once a row has finished, its mask: finished rows
+/// are fed as padding, so they neither advance nor attend to anything useful.
+fn decode_inputs(
+    chosen: &[i64],
+    done: &[bool],
+    device: tch::Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let b = chosen.len() as i64;
+    let next = Tensor::f_from_slice(chosen)
+        .and_then(|t| t.f_view([b, 1])?.f_to_device(device))
+        .op("next tokens")?;
+    let mask = if done.iter().any(|d| *d) {
+        let m: Vec<i64> = done.iter().map(|d| i64::from(!*d)).collect();
+        Some(
+            Tensor::f_from_slice(&m)
+                .and_then(|t| t.f_view([b, 1])?.f_to_device(device))
+                .op("decode mask")?,
+        )
+    } else {
+        None
+    };
+    Ok((next, mask))
 }
 
 /// Copies a tensor to a flat `Vec<f32>` on the CPU.
