@@ -4,3 +4,5 @@ mod abuse;
 mod common;
 mod openai_python;
 mod serve;
+#[path = "../../../synth/tests/integration/tiny.rs"]
+mod tiny;

@@ -3,53 +3,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use optimsyn_data_io::{ChatMessage, ChatTokenizer};
-use optimsyn_lm::{CausalLm, LoadOptions};
-use optimsyn_synth::{ChatPrompt, GenerationParams, LocalGenerator, QaPrompt};
-
-/// The tiny Qwen3 (vocab 320, context 64 tokens) with a ChatML template.
-pub fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/cli")
-}
-
-pub const MODEL: &str = "tiny";
-
-pub fn load_model() -> (CausalLm, ChatTokenizer) {
-    let dir = model_dir();
-    let tok = ChatTokenizer::from_model_dir(&dir).expect("fixture tokenizer");
-    let model = CausalLm::load(&dir, LoadOptions::default()).expect("fixture model");
-    (model, tok)
-}
-
-pub fn local(params: GenerationParams) -> LocalGenerator {
-    let (m, t) = load_model();
-    LocalGenerator::new(m, t, params, MODEL).expect("local generator")
-}
-
-/// Generator templates short enough for the tiny model's context.
-pub fn tiny_prompt() -> QaPrompt {
-    QaPrompt::from_sources(
-        ("{{ domain }}", "tiny system"),
-        ("{{ document }} {{ prompt_related }}", "tiny user"),
-    )
-    .expect("tiny templates")
-}
-
-/// `n` short chat prompts.
-pub fn prompts(n: usize) -> Vec<ChatPrompt> {
-    (0..n)
-        .map(|i| ChatPrompt {
-            key: format!("p{i}"),
-            messages: vec![ChatMessage::user(format!("hi {i}"))],
-        })
-        .collect()
-}
+pub use crate::tiny::{MODEL, local, model_dir, prompts, tiny_prompt};
 
 /// What the scripted server does with one request.
 #[derive(Clone, Debug)]

@@ -12,7 +12,7 @@ use optimsyn_synth::{
     SampleFile, SynthConfig, SynthRecord, Synthesizer,
 };
 
-use crate::local::tasks;
+use crate::tiny::tasks;
 
 const GOOD: &str = r#"Here you go: {"messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Which animal purrs?"}, {"role": "assistant", "content": "The cat."}]}"#;
 

@@ -1,33 +1,12 @@
 //! The local backend: reproducible QA pairs, batching that changes nothing, per-prompt errors.
 
-use optimsyn_data_io::{ChatMessage, SeedDoc};
+use optimsyn_data_io::ChatMessage;
 use optimsyn_synth::{
-    ChatPrompt, GenerationParams, Generator, PolicyInfo, QaTask, RubricSections, SynthConfig,
-    SynthRecord, Synthesizer,
+    ChatPrompt, GenerationParams, Generator, PolicyInfo, SynthConfig, SynthRecord, Synthesizer,
 };
 
 use crate::common::{local, prompts, tiny_prompt};
-
-pub fn tasks(n: usize) -> Vec<QaTask> {
-    (0..n)
-        .map(|i| {
-            let doc = SeedDoc {
-                id: format!("d{}", i / 2),
-                text: format!("cat {i}"),
-                domain: Some("pets".into()),
-                extra: Default::default(),
-            };
-            QaTask::new(
-                &doc,
-                &format!("{}", i % 2),
-                RubricSections {
-                    prompt_related: "ask".into(),
-                    ..Default::default()
-                },
-            )
-        })
-        .collect()
-}
+use crate::tiny::tasks;
 
 fn sampled(seed: u64) -> GenerationParams {
     GenerationParams {

@@ -6,3 +6,4 @@ mod faults;
 mod local;
 mod prompts;
 mod qa_props;
+mod tiny;
