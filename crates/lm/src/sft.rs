@@ -598,9 +598,11 @@ fn micro_batch_backward(
     let seqs: Vec<MaskedSeq<'_>> = rows.iter().map(|e| e.seq()).collect();
     let batch = LossBatch::new(&seqs, model.device())?;
     let per = {
-        let keys: Vec<u64> = rows.iter().map(|e| row_key(&e.id)).collect();
         let _dropout = lora
-            .map(|a| a.dropout((cfg.seed, step), &keys))
+            .map(|a| {
+                let keys: Vec<u64> = rows.iter().map(|e| row_key(&e.id)).collect();
+                a.dropout((cfg.seed, step), &keys)
+            })
             .transpose()?;
         match cfg.loss {
             LossReduction::SampleMean => model.per_sample_loss(&batch),
