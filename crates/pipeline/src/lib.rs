@@ -67,7 +67,8 @@ pub use models::{Models, encode_prompts, load_models, load_policy};
 pub use progress::{Progress, Quiet};
 pub use report::{RubricStats, read_kl, run_report, write_report};
 pub use reward::{
-    ConfiguredReward, InfluenceReward, RewardRow, RewardRule, ScoredStep, reward_influence, rewards,
+    ConfiguredReward, InfluenceReward, RewardRow, RewardRule, ScoredStep, reward_influence,
+    rewards, subtask_means,
 };
 pub use rollouts::{policy_info, sample_rubrics, synthesize_rubrics, valid_examples};
 pub use stage0::{SeedPrompt, stage0, train_split};

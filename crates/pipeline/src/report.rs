@@ -150,6 +150,60 @@ pub fn run_report(warm: &WarmupDiagnostics, rows: &[RewardRow], kl: &[(u64, f64)
             num(kl.get(&r.step).copied(), 5),
         );
     }
+    md.push_str(&subtask_section(rows));
+    md
+}
+
+/// Which validation subtasks the policy's data serves, first steps against last: the mean raw
+/// influence of the valid rollouts per subtask, with the subtasks whose share fell named.
+fn subtask_section(rows: &[RewardRow]) -> String {
+    use std::fmt::Write as _;
+    let rows: Vec<&RewardRow> = rows.iter().filter(|r| !r.subtask_if.is_empty()).collect();
+    let Some(names) = rows
+        .first()
+        .map(|r| r.subtask_if.keys().collect::<Vec<_>>())
+    else {
+        return String::new();
+    };
+    if rows.len() < 2 || names.len() < 2 {
+        return String::new();
+    }
+    let k = (rows.len() / 2).min(3);
+    let mean_of = |window: &[&RewardRow], name: &str| {
+        let xs: Vec<f64> = window
+            .iter()
+            .filter_map(|r| r.subtask_if.get(name).copied())
+            .collect();
+        xs.iter().sum::<f64>() / xs.len().max(1) as f64
+    };
+    let (first, last) = (&rows[..k], &rows[rows.len() - k..]);
+    let pairs: Vec<(&String, f64, f64)> = names
+        .iter()
+        .map(|n| (*n, mean_of(first, n), mean_of(last, n)))
+        .collect();
+    // A fall counts when it exceeds 5 % of the subtasks' typical score at the start: smaller
+    // moves are within a step's sampling noise on the runs measured (docs/GUIDE.md).
+    let scale = pairs.iter().map(|p| p.1.abs()).sum::<f64>() / pairs.len() as f64;
+    let mut md = format!(
+        "\n## Influence per validation subtask\n\nMean raw influence of the valid rollouts on each \
+         subtask, the first {k} steps against the last {k}: which subtasks the policy's data \
+         serves.\n\n| subtask | first | last | change |\n|---|---|---|---|\n"
+    );
+    let mut falling = Vec::new();
+    for (name, a, b) in &pairs {
+        let _ = writeln!(md, "| {name} | {a:.4} | {b:.4} | {:+.4} |", b - a);
+        if b - a < -0.05 * scale {
+            falling.push(name.as_str());
+        }
+    }
+    if !falling.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nServed less at the end than at the start: {}. docs/GUIDE.md (\"Max or mean\") says \
+             when this is what the aggregation asks for and what to change when it is not.",
+            falling.join(", ")
+        );
+    }
     md
 }
 
@@ -186,4 +240,50 @@ pub fn write_report(cfg: &RunConfig, rows: &[RewardRow]) -> Result<()> {
     md.push_str(&rubric_section(&before, after.as_ref()));
     write_atomic(cfg.out.join("report.md"), md.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(step: u64, subtasks: &[(&str, f64)]) -> RewardRow {
+        RewardRow {
+            step,
+            rollouts: 4,
+            valid_rate: 1.0,
+            if_valid_mean: None,
+            if_valid_max: None,
+            reward_mean: 0.0,
+            discrimination: None,
+            contaminated: None,
+            subtask_if: subtasks.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn subtask_section_names_the_subtasks_served_less() {
+        let rows: Vec<RewardRow> = (1..=8)
+            .map(|t| {
+                let t = t as f64;
+                row(
+                    t as u64,
+                    &[("a", 0.10 + 0.01 * t), ("b", 0.10 - 0.01 * t), ("c", 0.10)],
+                )
+            })
+            .collect();
+        let md = subtask_section(&rows);
+        assert!(md.contains("| a | 0.1200 | 0.1700 | +0.0500 |"), "{md}");
+        assert!(md.contains("| b | 0.0800 | 0.0300 | -0.0500 |"), "{md}");
+        assert!(
+            md.contains("Served less at the end than at the start: b."),
+            "{md}"
+        );
+        // Nothing to compare: one step, one subtask, or runs from before it was recorded.
+        assert_eq!(subtask_section(&rows[..1]), "");
+        assert_eq!(
+            subtask_section(&[row(1, &[("a", 0.1)]), row(2, &[("a", 0.2)])]),
+            ""
+        );
+        assert_eq!(subtask_section(&[row(1, &[]), row(2, &[])]), "");
+    }
 }

@@ -39,6 +39,10 @@ pub struct RewardRow {
     /// was measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contaminated: Option<f64>,
+    /// Mean raw influence of the valid rollouts on each validation subtask: which subtasks the
+    /// policy's data serves, step by step (absent in runs from before it was recorded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subtask_if: BTreeMap<String, f64>,
 }
 
 impl RewardRow {
@@ -53,6 +57,7 @@ impl RewardRow {
             reward_mean: rw.iter().sum::<f64>() / rw.len().max(1) as f64,
             discrimination: d,
             contaminated: None,
+            subtask_if: BTreeMap::new(),
         }
     }
 }
@@ -165,6 +170,21 @@ pub fn reward_influence(
                 SubtaskAgg::Mean => z.sum::<f64>() / s.subtasks.len().max(1) as f64,
             })
         })
+        .collect()
+}
+
+/// Each subtask's mean score over the valid rollouts (empty when none is valid).
+pub fn subtask_means(scored: &[Option<&Score>]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for s in scored.iter().flatten().filter(|s| s.influence.is_some()) {
+        for (k, x) in &s.subtasks {
+            let e = sums.entry(k.clone()).or_default();
+            e.0 += x;
+            e.1 += 1;
+        }
+    }
+    sums.into_iter()
+        .map(|(k, (sum, n))| (k, sum / n as f64))
         .collect()
 }
 
@@ -296,6 +316,7 @@ impl<'a> InfluenceReward<'a> {
         let ifs: Vec<Option<f64>> = scored.iter().map(|s| s.and_then(|s| s.influence)).collect();
         let mut row = RewardRow::new(batch.step, &ifs, &rw, report.discrimination);
         row.contaminated = Some(screened.contaminated as f64 / recs.len().max(1) as f64);
+        row.subtask_if = subtask_means(&scored);
         self.warn_once(&row);
         self.log.write(&row)?;
         self.log.sync()?;
@@ -429,5 +450,17 @@ mod tests {
             scores: &scored,
         };
         assert_eq!(rule.rewards(&step), vec![1.0, -0.5, 0.0]);
+    }
+
+    #[test]
+    fn subtask_means_average_the_valid_rollouts_only() {
+        let s = [score("x", 0.25, 0.5), score("y", 0.75, 0.0)];
+        let mut invalid = score("z", 9.0, 9.0);
+        invalid.influence = None;
+        let scored = vec![Some(&s[0]), None, Some(&s[1]), Some(&invalid)];
+        let m = subtask_means(&scored);
+        assert_eq!(m.len(), 2);
+        assert_eq!((m["a"], m["b"]), (0.5, 0.25));
+        assert!(subtask_means(&[None]).is_empty());
     }
 }
