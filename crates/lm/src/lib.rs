@@ -62,7 +62,6 @@ pub use model::{
     Attention, CausalLm, DecoderLayer, Linear, LinearAdapter, LoadOptions, Mlp, RmsNorm,
     log_softmax_at, logprobs_of,
 };
-pub use rope::{Rotary, apply_rotary, apply_rotary_signed, signed_sin};
 pub use sampling::{RowRng, SamplingParams, argmax, row_key, sample};
 pub use sft::{
     DataInfo, EvalReport, LossReduction, ScheduleKind, SftConfig, SftReport, StepMetrics,

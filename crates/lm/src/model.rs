@@ -26,13 +26,13 @@ pub trait LinearAdapter: Send + std::fmt::Debug {
 #[derive(Debug)]
 pub struct Linear {
     /// The module path in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
-    pub name: String,
+    pub(crate) name: String,
     /// `[out_features, in_features]`.
-    pub weight: Tensor,
+    pub(crate) weight: Tensor,
     /// `[out_features]`, when the layer has a bias.
-    pub bias: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
     /// An optional adapter applied after the frozen projection.
-    pub adapter: Option<Box<dyn LinearAdapter>>,
+    pub(crate) adapter: Option<Box<dyn LinearAdapter>>,
 }
 
 impl Linear {
@@ -43,6 +43,35 @@ impl Linear {
             Some(a) => a.forward(x, y),
             None => Ok(y),
         }
+    }
+
+    /// The module path in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The frozen `[out_features, in_features]` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The `[out_features]` bias, when the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Whether an adapter is attached.
+    pub fn has_adapter(&self) -> bool {
+        self.adapter.is_some()
+    }
+
+    /// Attaches `adapter` (replacing any other) or, with `None`, detaches; returns the one that
+    /// was attached. [`LoraAdapter`](crate::LoraAdapter) does this for every targeted layer.
+    pub fn set_adapter(
+        &mut self,
+        adapter: Option<Box<dyn LinearAdapter>>,
+    ) -> Option<Box<dyn LinearAdapter>> {
+        std::mem::replace(&mut self.adapter, adapter)
     }
 
     /// `x W^T + b` without the adapter.
@@ -95,7 +124,7 @@ const SMALL_BATCH_ROWS: std::ops::RangeInclusive<i64> = 12..=40;
 #[derive(Debug)]
 pub struct RmsNorm {
     /// `[dim]` scale.
-    pub weight: Tensor,
+    pub(crate) weight: Tensor,
     eps: f64,
 }
 
@@ -143,17 +172,17 @@ struct AttnPlan {
 #[derive(Debug)]
 pub struct Attention {
     /// Query projection.
-    pub q_proj: Linear,
+    pub(crate) q_proj: Linear,
     /// Key projection.
-    pub k_proj: Linear,
+    pub(crate) k_proj: Linear,
     /// Value projection.
-    pub v_proj: Linear,
+    pub(crate) v_proj: Linear,
     /// Output projection.
-    pub o_proj: Linear,
+    pub(crate) o_proj: Linear,
     /// Qwen3's RMSNorm over each query head.
-    pub q_norm: Option<RmsNorm>,
+    pub(crate) q_norm: Option<RmsNorm>,
     /// Qwen3's RMSNorm over each key head.
-    pub k_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -247,11 +276,11 @@ impl Attention {
 #[derive(Debug)]
 pub struct Mlp {
     /// Gate projection.
-    pub gate_proj: Linear,
+    pub(crate) gate_proj: Linear,
     /// Up projection.
-    pub up_proj: Linear,
+    pub(crate) up_proj: Linear,
     /// Down projection.
-    pub down_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 impl Mlp {
@@ -270,13 +299,13 @@ impl Mlp {
 #[derive(Debug)]
 pub struct DecoderLayer {
     /// Norm before attention.
-    pub input_layernorm: RmsNorm,
+    pub(crate) input_layernorm: RmsNorm,
     /// Self-attention.
-    pub self_attn: Attention,
+    pub(crate) self_attn: Attention,
     /// Norm before the MLP.
-    pub post_attention_layernorm: RmsNorm,
+    pub(crate) post_attention_layernorm: RmsNorm,
     /// The MLP.
-    pub mlp: Mlp,
+    pub(crate) mlp: Mlp,
 }
 
 impl DecoderLayer {
@@ -334,13 +363,13 @@ pub struct CausalLm {
     device: Device,
     eos_token_ids: Vec<u32>,
     /// `[vocab, hidden]` token embeddings (`model.embed_tokens.weight`).
-    pub embed_tokens: Tensor,
+    pub(crate) embed_tokens: Tensor,
     /// The decoder blocks.
-    pub layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     /// Final norm (`model.norm`).
-    pub norm: RmsNorm,
+    pub(crate) norm: RmsNorm,
     /// Output projection; `None` when tied to `embed_tokens`.
-    pub lm_head: Option<Linear>,
+    pub(crate) lm_head: Option<Linear>,
     rotary: Rotary,
 }
 
@@ -643,6 +672,12 @@ impl CausalLm {
     /// Device of the weights.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The `[vocab, hidden]` token embeddings (`model.embed_tokens.weight`; also the output
+    /// projection when the checkpoint ties them).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
     }
 
     /// Stop ids from `config.json` and `generation_config.json` (add the tokenizer's when you have it).

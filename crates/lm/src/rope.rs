@@ -86,8 +86,10 @@ impl Rotary {
 }
 
 /// Applies RoPE to `x` of shape `[B, heads, T, D]` with `cos`/`sin` of shape `[B, T, D]`:
-/// `x * cos + rotate_half(x) * sin`, as transformers' `apply_rotary_pos_emb`.
-pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// `x * cos + rotate_half(x) * sin`, as transformers' `apply_rotary_pos_emb`. The model uses
+/// [`apply_rotary_signed`] with a cached [`signed_sin`]; this form is the tests' reference.
+#[cfg(test)]
+pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let f = || -> std::result::Result<(Tensor, Tensor), tch::TchError> {
         Ok((cos.f_unsqueeze(1)?, sin.f_unsqueeze(1)?))
     };
@@ -98,7 +100,7 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `sin` with its first half negated, so that `rotate_half(x) * sin` becomes
 /// `roll(x, D/2) * signed_sin`: `rotate_half(x) = [-x₂, x₁]` and `roll(x, D/2) = [x₂, x₁]`, and
 /// `x₂ · (−s)` is `−(x₂ · s)` exactly, so the result is bit-identical.
-pub fn signed_sin(sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn signed_sin(sin: &Tensor) -> Result<Tensor> {
     let f = || -> std::result::Result<Tensor, tch::TchError> {
         let d = sin.size().last().copied().unwrap_or(0);
         let half = d / 2;
@@ -115,7 +117,7 @@ pub fn signed_sin(sin: &Tensor) -> Result<Tensor> {
 
 /// [`apply_rotary`] with `cos` and [`signed_sin`] already broadcastable to `x` (three tensor ops
 /// per call instead of nine: decoding runs it twice per layer per token).
-pub fn apply_rotary_signed(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn apply_rotary_signed(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
     let f = || -> std::result::Result<Tensor, tch::TchError> {
         let d = x.size().last().copied().unwrap_or(0);
         let rolled = x.f_roll([d / 2].as_slice(), [-1i64].as_slice())?;

@@ -285,11 +285,13 @@ fn fused_loss_equals_the_autograd_one_in_values_and_lora_gradients() {
             vec![0; first.len().min(5)],
         ));
         let run = |trainable_head: bool| -> (Vec<f64>, Vec<(String, Tensor)>) {
-            let (mut model, adapter) = adapted(name, Kind::Float);
+            let (model, adapter) = adapted(name, Kind::Float);
             if trainable_head {
-                model.embed_tokens = model.embed_tokens.detach().set_requires_grad(true);
-                if let Some(l) = model.lm_head.as_mut() {
-                    l.weight = l.weight.detach().set_requires_grad(true);
+                // The loaded weights are leaves: flagging them makes them trainable in place.
+                for (name, p) in model.named_parameters() {
+                    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                        let _ = p.set_requires_grad(true);
+                    }
                 }
             }
             let batch = loss_batch(&model, &rows);

@@ -208,7 +208,7 @@ fn reduced_precision_loads_and_stays_close() {
         },
     )
     .expect("bf16 load");
-    assert_eq!(model.embed_tokens.kind(), Kind::BFloat16);
+    assert_eq!(model.embed_tokens().kind(), Kind::BFloat16);
     let got = model
         .sequence_logprobs(&[seqs[2].as_slice()], 1.0)
         .expect("bf16 logprobs");
@@ -230,7 +230,9 @@ fn token_logprobs_are_differentiable() {
     let (seqs, _) = sequences("qwen3_tied_gqa");
     let s: Vec<i64> = seqs[2].iter().map(|&t| i64::from(t)).collect();
     let ids = Tensor::from_slice(&s).view([1, s.len() as i64]);
-    let w = model.linear_layers_mut()[0].weight.set_requires_grad(true);
+    let w = model.linear_layers_mut()[0]
+        .weight()
+        .set_requires_grad(true);
     let lp = model
         .token_logprobs(&ids, None, 0.7)
         .expect("logprobs")

@@ -467,7 +467,7 @@ fn full_training_and_bad_rows_and_nan_losses() {
     {
         // Token 63 appears only in the poisoned row.
         let _g = tch::no_grad_guard();
-        let _ = model.embed_tokens.get(63).fill_(f64::NAN);
+        let _ = model.embed_tokens().get(63).fill_(f64::NAN);
     }
     let mut poisoned = dataset();
     poisoned.push(TrainExample {
