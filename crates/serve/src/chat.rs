@@ -456,7 +456,7 @@ fn reply(sh: &Shared, p: &Plan, gens: &[Generation]) -> Result<Reply, ApiError> 
                     content: Some(r.text.clone()),
                 },
                 logprobs: p.logprobs.then(|| token_logprobs(sh, r)),
-                finish_reason: Some(r.finish_reason.into()),
+                finish_reason: Some(r.finish_reason.as_str().into()),
             })
             .collect();
         return Ok(Reply::Json(ChatCompletion {
@@ -497,7 +497,7 @@ fn reply(sh: &Shared, p: &Plan, gens: &[Generation]) -> Result<Reply, ApiError> 
             };
             events.push(chunk(i, delta, None));
         }
-        events.push(chunk(i, Delta::default(), Some(r.finish_reason)));
+        events.push(chunk(i, Delta::default(), Some(r.finish_reason.as_str())));
     }
     if p.include_usage {
         let mut last = chunk(0, Delta::default(), None);

@@ -242,7 +242,7 @@ pub(crate) struct Decoded {
     pub tokens: Vec<u32>,
     pub logprobs: Vec<f32>,
     /// `stop` or `length`.
-    pub finish_reason: &'static str,
+    pub finish_reason: optimsyn_synth::FinishReason,
 }
 
 /// Decodes a row incrementally (so streaming deltas concatenate to the whole text), then cuts it
@@ -289,10 +289,7 @@ pub(crate) fn decode_row(
             }
         }
     }
-    let mut finish = match g.finish_reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    };
+    let mut finish = optimsyn_synth::FinishReason::from(g.finish_reason);
     let cut = stops
         .iter()
         .filter(|s| !s.is_empty())
@@ -300,7 +297,7 @@ pub(crate) fn decode_row(
         .min();
     let (mut text, mut tokens, mut logprobs) = (full, g.tokens.clone(), g.logprobs.clone());
     if let Some((at, end)) = cut {
-        finish = "stop";
+        finish = optimsyn_synth::FinishReason::Stop;
         text.truncate(at);
         // Keep the tokens up to the one that completed the stop string; cut the pieces at `at`.
         let mut acc = 0usize;

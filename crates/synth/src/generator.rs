@@ -58,6 +58,16 @@ impl FinishReason {
     }
 }
 
+impl From<optimsyn_lm::FinishReason> for FinishReason {
+    /// A local model's row: it stops on a stop token or runs out of budget.
+    fn from(r: optimsyn_lm::FinishReason) -> Self {
+        match r {
+            optimsyn_lm::FinishReason::Stop => FinishReason::Stop,
+            optimsyn_lm::FinishReason::Length => FinishReason::Length,
+        }
+    }
+}
+
 /// A generator's reply to one prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {

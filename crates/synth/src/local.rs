@@ -8,7 +8,7 @@ use optimsyn_lm::{CausalLm, LoadOptions, SamplingParams};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::generator::{ChatPrompt, Completion, FinishReason, GenerationParams, Generator};
+use crate::generator::{ChatPrompt, Completion, GenerationParams, Generator};
 use crate::generator::{request_seed, stream_key};
 
 /// Stop ids of a model: its own eos ids, then the tokenizer's (as `optimsyn lm generate` uses).
@@ -20,14 +20,6 @@ pub fn stop_tokens(model: &CausalLm, tokenizer: &ChatTokenizer) -> Vec<u32> {
         }
     }
     stop
-}
-
-/// Maps a finished row of optimsyn-lm to a [`FinishReason`].
-pub(crate) fn finish_reason(r: optimsyn_lm::FinishReason) -> FinishReason {
-    match r {
-        optimsyn_lm::FinishReason::Stop => FinishReason::Stop,
-        optimsyn_lm::FinishReason::Length => FinishReason::Length,
-    }
 }
 
 /// Generates with a model loaded in this process, in batches of `batch_size` left-padded prompts.
@@ -177,7 +169,7 @@ impl LocalGenerator {
                         .map_err(Error::from)
                         .map(|text| Completion {
                             text,
-                            finish_reason: finish_reason(g.finish_reason),
+                            finish_reason: g.finish_reason.into(),
                             prompt_tokens: Some(prompt_ids.len() as u64),
                             completion_tokens: Some(g.tokens.len() as u64),
                         });
