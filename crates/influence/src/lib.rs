@@ -61,7 +61,7 @@ pub use diagnostics::{Discrimination, FeatureStats, SHARED_SPREAD_RATIO};
 pub use error::{Error, Result};
 pub use grads::{encode_examples, gradients, gradients_into};
 pub use precond::{AdamMoments, Precond};
-pub use project::{Projector, ProjectorKind};
+pub use project::{Projector, ProjectorKind, ProjectorType};
 pub use score::Score;
 pub use scorer::{InfluenceScorer, ScoreReport};
 pub use verify::{

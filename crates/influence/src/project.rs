@@ -18,6 +18,42 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result, TorchContext};
 
+/// Which family of random projection: what a config or command line names (`dense`, `sjlt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectorType {
+    /// Dense Rademacher ±1 (TRAK, LESS, the paper).
+    #[default]
+    Dense,
+    /// Sparse JL with 4 nonzeros per input coordinate.
+    Sjlt,
+}
+
+impl ProjectorType {
+    /// This family at dimension `k` (0 = exact, no projection) with `seed`.
+    pub fn with_dim(self, k: usize, seed: u64) -> ProjectorKind {
+        match (self, k) {
+            (_, 0) => ProjectorKind::Exact,
+            (ProjectorType::Dense, k) => ProjectorKind::Dense { k, seed },
+            (ProjectorType::Sjlt, k) => ProjectorKind::Sjlt { k, s: 4, seed },
+        }
+    }
+}
+
+impl std::str::FromStr for ProjectorType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dense" => Ok(ProjectorType::Dense),
+            "sjlt" => Ok(ProjectorType::Sjlt),
+            o => Err(Error::Input(format!(
+                "unknown projector `{o}` (expected dense or sjlt)"
+            ))),
+        }
+    }
+}
+
 /// Which projection, with its parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
@@ -45,16 +81,7 @@ pub enum ProjectorKind {
 impl ProjectorKind {
     /// `dense` / `sjlt` with dimension `k` (0 = exact) and `seed`; SJLT uses s = 4.
     pub fn from_name(name: &str, k: usize, seed: u64) -> Result<Self> {
-        if k == 0 {
-            return Ok(ProjectorKind::Exact);
-        }
-        match name {
-            "dense" => Ok(ProjectorKind::Dense { k, seed }),
-            "sjlt" => Ok(ProjectorKind::Sjlt { k, s: 4, seed }),
-            o => Err(Error::Input(format!(
-                "unknown projector `{o}` (expected dense or sjlt)"
-            ))),
-        }
+        Ok(name.parse::<ProjectorType>()?.with_dim(k, seed))
     }
 
     /// Output dimension for inputs of dimension `p`.

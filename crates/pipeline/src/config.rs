@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use optimsyn_hygiene::OnContaminated;
-use optimsyn_influence::{Precond, SubtaskAgg};
+use optimsyn_influence::{Precond, ProjectorType, SubtaskAgg};
 use optimsyn_rl_grpo::GrpoConfig;
 use serde::{Deserialize, Serialize};
 
@@ -235,7 +235,7 @@ pub struct InfluenceConfig {
     /// Projection dimension (0: exact). Default 8192.
     pub proj_dim: usize,
     /// `dense` or `sjlt`. Default dense.
-    pub projector: String,
+    pub projector: ProjectorType,
     /// `max` or `mean` over validation subtasks. Default max.
     pub subtask_agg: SubtaskAgg,
     /// `released` or `bias-corrected`. Default released.
@@ -250,7 +250,7 @@ impl Default for InfluenceConfig {
     fn default() -> Self {
         InfluenceConfig {
             proj_dim: 8192,
-            projector: "dense".into(),
+            projector: ProjectorType::Dense,
             subtask_agg: SubtaskAgg::Max,
             precond: Precond::Released,
             max_len: None,
@@ -439,9 +439,17 @@ impl RunConfig {
                 e.to_string().trim()
             ))
         };
+        // Names the key of a bad value (TOML's own message names only its line and column).
+        let parse = |text: &str, with: &str| -> Result<RunConfig> {
+            let de = toml::de::Deserializer::parse(text).map_err(|e| bad(with, e))?;
+            serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string() {
+                key if key == "." || key.is_empty() => bad(with, e.into_inner()),
+                key => bad(&format!("{with}: key `{key}`"), e.into_inner()),
+            })
+        };
         // Without overrides the file is parsed as it is, so errors point at its line.
         let mut cfg: RunConfig = if sets.is_empty() {
-            toml::from_str(&text).map_err(|e| bad("", e))?
+            parse(&text, "")?
         } else {
             let mut doc: toml::Table = toml::from_str(&text).map_err(|e| bad("", e))?;
             for s in sets {
@@ -449,7 +457,7 @@ impl RunConfig {
             }
             let merged = toml::to_string(&doc)
                 .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            toml::from_str(&merged).map_err(|e| bad(" with --set", e))?
+            parse(&merged, " with --set")?
         };
         cfg.resolve(path.parent().unwrap_or(Path::new(".")));
         cfg.check()
@@ -559,11 +567,6 @@ impl RunConfig {
             matches!(self.influence.dtype.as_str(), "f32" | "bf16" | "f16"),
             "key `influence.dtype`: `{}` is not f32, bf16 or f16",
             self.influence.dtype
-        );
-        ensure!(
-            matches!(self.influence.projector.as_str(), "dense" | "sjlt"),
-            "key `influence.projector`: `{}` is not dense or sjlt",
-            self.influence.projector
         );
         self.grpo
             .validate()
@@ -725,7 +728,7 @@ mini_batch_prompts = 2
         let cfg = RunConfig::load_with_overrides(&path, &sets).unwrap();
         assert_eq!(cfg.steps, 7);
         assert_eq!(cfg.grpo.optimizer.lr, 0.5);
-        assert_eq!(cfg.influence.projector, "sjlt");
+        assert_eq!(cfg.influence.projector, ProjectorType::Sjlt);
         // Relative paths still resolve against the file's folder.
         assert_eq!(cfg.out, dir.path().join("out"));
         for (set, named) in [

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use optimsyn_data_io::{ChatExample, ChatFormat, ChatTokenizer, read_jsonl, write_atomic};
-use optimsyn_influence::{Discrimination, InfluenceScorer, ProjectorKind, ScoreConfig};
+use optimsyn_influence::{Discrimination, InfluenceScorer, ScoreConfig};
 use optimsyn_lm::{CausalLm, DataInfo, LoraAdapter, SftConfig, TrainExample, Trainable, sft};
 use optimsyn_rl_grpo::Prompt;
 use optimsyn_synth::SynthRecord;
@@ -234,11 +234,10 @@ fn warm_up(cfg: &RunConfig, examples: &[ChatExample], pool_path: &Path) -> Resul
 /// How influence is scored in this run.
 pub fn score_config(cfg: &RunConfig) -> Result<ScoreConfig> {
     Ok(ScoreConfig {
-        projector: ProjectorKind::from_name(
-            &cfg.influence.projector,
-            cfg.influence.proj_dim,
-            cfg.seed,
-        )?,
+        projector: cfg
+            .influence
+            .projector
+            .with_dim(cfg.influence.proj_dim, cfg.seed),
         precond: cfg.influence.precond,
         subtask_agg: cfg.influence.subtask_agg,
         format: Some(ChatFormat::Tulu),

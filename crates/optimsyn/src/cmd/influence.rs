@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use optimsyn_data_io::{ChatExample, ChatFormat, JsonlWriter, read_jsonl};
 use optimsyn_influence::{
-    InfluenceScorer, Precond, ProjectorKind, ScoreConfig, SubtaskAgg, verify,
+    InfluenceScorer, Precond, ProjectorType, ScoreConfig, SubtaskAgg, verify,
 };
 
 /// Influence commands.
@@ -47,7 +47,7 @@ pub struct Common {
     proj_dim: usize,
     /// `dense` (Rademacher) or `sjlt` (sparse JL, much faster for large adapters).
     #[arg(long, default_value = "dense")]
-    projector: String,
+    projector: ProjectorType,
     /// Projection seed.
     #[arg(long, default_value_t = 0)]
     proj_seed: u64,
@@ -136,7 +136,7 @@ fn scorer(c: &Common, agg: SubtaskAgg) -> anyhow::Result<(InfluenceScorer, Vec<C
         o => anyhow::bail!("--precond: `{o}` is not released or bias-corrected"),
     };
     let cfg = ScoreConfig {
-        projector: ProjectorKind::from_name(&c.projector, c.proj_dim, c.proj_seed)?,
+        projector: c.projector.with_dim(c.proj_dim, c.proj_seed),
         precond,
         subtask_agg: agg,
         format: c.format,
