@@ -21,22 +21,49 @@ pub fn build_line() -> String {
     }
 }
 
-/// A device name (`cpu`, `cuda`, `cuda:N`) as a device this process can use: a CUDA device on a
-/// CPU-only build, or one beyond those visible, is an error that says so.
-pub fn parse_device(name: &str) -> Result<tch::Device> {
-    let device = match name {
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
-        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => tch::Device::Cuda(n),
-            None => {
-                return Err(Error::Device(format!(
-                    "device `{d}` is not cpu, cuda or cuda:N"
-                )));
-            }
-        },
-    };
-    if let tch::Device::Cuda(n) = device {
+/// Where a model runs, as configs and command lines name it: `cpu`, `cuda` (= `cuda:0`) or
+/// `cuda:N`. [`DeviceName::resolve`] checks that this process can use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceName {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceName {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "cpu" => Ok(DeviceName::Cpu),
+            "cuda" => Ok(DeviceName::Cuda(0)),
+            d => d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceName::Cuda)
+                .ok_or_else(|| Error::Device(format!("device `{d}` is not cpu, cuda or cuda:N"))),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceName::Cpu => f.write_str("cpu"),
+            DeviceName::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceName {
+    /// The device, when this process can use it: a CUDA device on a CPU-only build, or one beyond
+    /// those visible, is an error that says so.
+    pub fn resolve(self) -> Result<tch::Device> {
+        let DeviceName::Cuda(n) = self else {
+            return Ok(tch::Device::Cpu);
+        };
         if !tch::utils::has_cuda() {
             return Err(Error::Device(format!(
                 "device cuda:{n}: this libtorch is a CPU-only build ({}); install a CUDA build \
@@ -52,41 +79,129 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
                 build_line()
             )));
         }
+        Ok(tch::Device::Cuda(n))
     }
-    Ok(device)
+}
+
+/// The dtype a model is loaded in: `f32`, `bf16`, `f16` (or PyTorch's `float32`, `bfloat16`,
+/// `float16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            "f16" | "float16" => Ok(Dtype::F16),
+            d => Err(Error::Device(format!(
+                "dtype `{d}` is not f32, bf16 or f16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        })
+    }
+}
+
+impl Dtype {
+    /// The tensor kind.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::F32 => tch::Kind::Float,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+            Dtype::F16 => tch::Kind::Half,
+        }
+    }
+}
+
+/// Both names travel as their strings in configs (`device = "cuda:1"`, `dtype = "bf16"`).
+macro_rules! serde_as_str {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_str!(DeviceName);
+serde_as_str!(Dtype);
+
+/// A device name (`cpu`, `cuda`, `cuda:N`) as a device this process can use.
+pub fn parse_device(name: &str) -> Result<tch::Device> {
+    name.parse::<DeviceName>()?.resolve()
 }
 
 /// A dtype name (`f32`, `bf16`, `f16` or PyTorch's long names) as a tensor kind.
 pub fn parse_dtype(name: &str) -> Result<tch::Kind> {
-    match name {
-        "f32" | "float32" => Ok(tch::Kind::Float),
-        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
-        "f16" | "float16" => Ok(tch::Kind::Half),
-        d => Err(Error::Device(format!(
-            "dtype `{d}` is not f32, bf16 or f16"
-        ))),
-    }
+    Ok(name.parse::<Dtype>()?.kind())
 }
 
 /// Load options for a model on `device` in `dtype`. The first call logs which libtorch build and
 /// device the process got.
-pub fn load_options(device: &str, dtype: &str) -> Result<optimsyn_lm::LoadOptions> {
-    let device = parse_device(device)?;
-    let kind = parse_dtype(dtype)?;
+pub fn load_options(device: DeviceName, dtype: Dtype) -> Result<optimsyn_lm::LoadOptions> {
+    let resolved = device.resolve()?;
     static ANNOUNCED: std::sync::Once = std::sync::Once::new();
-    ANNOUNCED.call_once(|| {
-        let on = match device {
-            tch::Device::Cuda(n) => format!("cuda:{n}"),
-            _ => "cpu".into(),
-        };
-        tracing::info!("{}; models on {on}", build_line());
-    });
-    Ok(optimsyn_lm::LoadOptions { kind, device })
+    ANNOUNCED.call_once(|| tracing::info!("{}; models on {device}", build_line()));
+    Ok(optimsyn_lm::LoadOptions {
+        kind: dtype.kind(),
+        device: resolved,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_round_trip_through_their_strings() {
+        for name in ["cpu", "cuda:0", "cuda:3"] {
+            let d: DeviceName = name.parse().expect(name);
+            assert_eq!(d.to_string(), name);
+        }
+        assert_eq!("cuda".parse::<DeviceName>().ok(), Some(DeviceName::Cuda(0)));
+        for name in ["f32", "bf16", "f16"] {
+            assert_eq!(
+                name.parse::<Dtype>().map(|d| d.to_string()).ok().as_deref(),
+                Some(name)
+            );
+        }
+        let e = "cuda:x".parse::<DeviceName>().err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("device `cuda:x` is not cpu, cuda or cuda:N")
+        );
+    }
 
     #[test]
     fn names_map_to_devices_and_kinds() {

@@ -61,7 +61,7 @@ mod stage3;
 mod tune;
 
 pub use config::{RewardMode, Role, RunConfig, SubtaskScale};
-pub use device::{build_line, load_options, parse_device, parse_dtype};
+pub use device::{DeviceName, Dtype, build_line, load_options, parse_device, parse_dtype};
 pub use error::{Error, Result};
 pub use models::{Models, encode_prompts, load_models, load_policy};
 pub use progress::{Progress, Quiet};

@@ -40,7 +40,7 @@ impl Models {
 
 /// f32 on `role`'s device.
 pub(crate) fn opts(cfg: &RunConfig, role: Role) -> Result<LoadOptions> {
-    crate::device::load_options(cfg.models.device_of(role), "f32")
+    crate::device::load_options(cfg.models.device_of(role), crate::device::Dtype::F32)
 }
 
 /// Loads tokenizers, the generator and the templates.

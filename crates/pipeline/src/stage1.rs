@@ -263,7 +263,7 @@ pub fn warmup_scorer(cfg: &RunConfig) -> Result<InfluenceScorer> {
         &ckpts,
         &val,
         score_config(cfg)?,
-        crate::device::load_options(cfg.models.device_of(Role::Target), &cfg.influence.dtype)?,
+        crate::device::load_options(cfg.models.device_of(Role::Target), cfg.influence.dtype)?,
     )?)
 }
 

@@ -1,5 +1,6 @@
 //! `optimsyn influence score` and `optimsyn influence verify`.
 
+use optimsyn_pipeline::{DeviceName, Dtype};
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
@@ -65,11 +66,11 @@ pub struct Common {
     features_dir: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceName,
     /// The target's dtype for the gradients: `f32`, or `bf16` / `f16` as LESS takes them (the
     /// preconditioning, projection and cosines run in f32 either way).
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Dtype,
 }
 
 /// Arguments of `influence score`.
@@ -146,7 +147,7 @@ fn scorer(c: &Common, agg: SubtaskAgg) -> anyhow::Result<(InfluenceScorer, Vec<C
         ..Default::default()
     };
     let val: Vec<ChatExample> = read_jsonl(&c.val)?;
-    let opts = super::load_options(&c.device, &c.dtype)?;
+    let opts = super::load_options(c.device, c.dtype)?;
     let s = InfluenceScorer::new(&c.target, &c.adapters, &val, cfg, opts)?;
     Ok((s, val))
 }
@@ -318,7 +319,7 @@ fn verify_cmd(a: VerifyArgs) -> anyhow::Result<()> {
     let n = a.n.min(cands.len());
     let report = verify(&mut scorer, &val, &cands[..n], a.lr)?;
     println!("{}", serde_json::to_string(&report)?);
-    if a.common.dtype != "f32" {
+    if a.common.dtype != Dtype::F32 {
         eprintln!(
             "influence verify: a {} target keeps ~3 significant digits of its weights and losses, so \
              the step is {}x larger than in f32 and the check is coarse; verify in f32 (bf16 \

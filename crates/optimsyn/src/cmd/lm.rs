@@ -1,5 +1,6 @@
 //! `optimsyn lm logprobs` and `optimsyn lm generate`: the model side, row by row.
 
+use optimsyn_pipeline::{DeviceName, Dtype};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -32,10 +33,10 @@ pub struct ModelArgs {
     adapter: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceName,
     /// Compute dtype: `f32`, `bf16` or `f16`.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Dtype,
     /// Rows per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -160,7 +161,7 @@ fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
 
 fn load_options(a: &ModelArgs) -> anyhow::Result<LoadOptions> {
     anyhow::ensure!(a.batch_size > 0, "--batch-size must be at least 1");
-    super::load_options(&a.device, &a.dtype)
+    super::load_options(a.device, a.dtype)
 }
 
 struct Loaded {

@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
+use optimsyn_pipeline::{DeviceName, Dtype};
 
 /// Where JSONL rows go: a file given with `--output`, else standard output.
 pub fn output(path: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
@@ -34,6 +35,6 @@ pub fn write_row(out: &mut dyn Write, row: &serde_json::Value) -> anyhow::Result
 }
 
 /// `--device` and `--dtype` as load options (`cpu`, `cuda`, `cuda:N`; `f32`, `bf16`, `f16`).
-pub fn load_options(device: &str, dtype: &str) -> anyhow::Result<optimsyn_lm::LoadOptions> {
+pub fn load_options(device: DeviceName, dtype: Dtype) -> anyhow::Result<optimsyn_lm::LoadOptions> {
     Ok(optimsyn_pipeline::load_options(device, dtype)?)
 }

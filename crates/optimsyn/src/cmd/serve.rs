@@ -2,6 +2,7 @@
 //! generator can run on another machine (or be shared by several runs) and any OpenAI client can
 //! use it.
 
+use optimsyn_pipeline::{DeviceName, Dtype};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -23,10 +24,10 @@ pub struct ServeArgs {
     pub host: String,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceName,
     /// Compute dtype: `f32`, `bf16` or `f16`.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: Dtype,
     /// Most rows (requests × n) generated together in one batch.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
@@ -55,7 +56,7 @@ pub struct ServeArgs {
 /// Loads the model and serves until the process is stopped.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.max_batch > 0, "--max-batch must be at least 1");
-    let opts = super::load_options(&a.device, &a.dtype)?;
+    let opts = super::load_options(a.device, a.dtype)?;
     let template_kwargs: Map<String, Value> = serde_json::from_str(&a.template_kwargs)
         .context("--template-kwargs must be a JSON object")?;
     let config = ServeConfig {

@@ -1,6 +1,7 @@
 //! `optimsyn sft` and `optimsyn eval`: fine-tune a model on chat examples, and measure its
 //! validation loss.
 
+use optimsyn_pipeline::{DeviceName, Dtype};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -44,10 +45,10 @@ pub struct SftArgs {
     pub opt: OptArgs,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceName,
     /// Compute dtype: `f32`, `bf16` or `f16`.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: Dtype,
 }
 
 /// LoRA flags (PEFT's names); unset flags take the command's defaults.
@@ -186,7 +187,7 @@ pub fn run_sft(
     lora_defaults: &LoraConfig,
     sft_defaults: &SftConfig,
 ) -> anyhow::Result<optimsyn_lm::SftReport> {
-    let opts = super::load_options(&a.device, &a.dtype)?;
+    let opts = super::load_options(a.device, a.dtype)?;
     let tok = ChatTokenizer::from_model_dir(&a.model)?;
     let format = a.format.unwrap_or_default();
     let data = encode_file(&tok, &a.data, format, a.max_len)?;
@@ -312,15 +313,15 @@ pub struct EvalArgs {
     max_batch_tokens: usize,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceName,
     /// Compute dtype: `f32`, `bf16` or `f16`.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Dtype,
 }
 
 /// Runs `eval`: prints `{"loss", "examples", "subtasks": {name: {"loss", "examples"}}, "skipped"}`.
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let opts = super::load_options(&a.device, &a.dtype)?;
+    let opts = super::load_options(a.device, a.dtype)?;
     let tok = ChatTokenizer::from_model_dir(&a.model)?;
     let recorded = match &a.adapter {
         Some(dir) if dir.join(TRAINING_FILE).exists() => TrainingRecord::load(dir)?.format,
