@@ -129,7 +129,9 @@ impl SeedDoc {
     }
 }
 
-/// Sampling settings recorded with every generated sample.
+/// Sampling settings recorded with every generated sample: what a generation call used (the
+/// settings themselves live with the roles that sample: optimsyn-lm's `SamplingParams`,
+/// optimsyn-synth's `GenerationParams`, optimsyn-rl-grpo's `RolloutConfig`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     /// Temperature (0 = greedy).

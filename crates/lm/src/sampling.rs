@@ -12,7 +12,13 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::error::{Error, Result};
 
-/// Sampling settings shared by every row of a generation call.
+/// Sampling settings shared by every row of a generation call: the decoder's own, with neutral
+/// defaults (plain sampling at temperature 1). The roles that drive it keep their own settings
+/// with the defaults of the released OptimSyn configuration and convert to this at the call:
+/// `optimsyn_synth::GenerationParams` (the QA generator: greedy, 2048 new tokens) and
+/// `optimsyn_rl_grpo::RolloutConfig` (policy rollouts: temperature 1.5, 8192 new tokens).
+/// `optimsyn_data_io::SamplingParams` is not a setting but the record of the one used, written
+/// with every generated sample.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// Most tokens generated per row (the stop token included). Default 128.
