@@ -110,6 +110,9 @@ fn short_warm_up_is_flagged_and_the_committed_profile_is_not() {
     )
     .expect("json");
     assert!(step["discrimination"]["top_share"].is_f64(), "{step}");
+    // Each subtask's mean over the valid rollouts (the report compares them over steps).
+    let per_subtask = step["subtask_if"].as_object().expect("subtask_if");
+    assert_eq!(per_subtask.len(), 4, "{step}");
 }
 
 /// Placement per model: the policy and the target placed explicitly (on a CUDA machine, the target
