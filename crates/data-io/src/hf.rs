@@ -508,6 +508,9 @@ impl SafetensorsHeader {
         // copied out. Another process truncating the file meanwhile is undefined behaviour, as with
         // every mmap-based loader (safetensors' own examples, candle).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        if let Some(message) = end_past_any_file(&map) {
+            return Err(Error::invalid(path, message));
+        }
         let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| Error::invalid(path, explain(&map, e)))?;
         let mut tensors = BTreeMap::new();
@@ -542,11 +545,8 @@ impl SafetensorsHeader {
     }
 }
 
-/// Turns a `safetensors` rejection into a message naming the tensor at fault. The crate's errors
-/// for ranges and truncation carry no tensor name (or no byte counts), so the header is parsed once
-/// more, leniently, only to find the culprit; the verdict itself is always the crate's.
-fn explain(buf: &[u8], err: safetensors::SafeTensorError) -> String {
-    use safetensors::SafeTensorError as E;
+/// The header length a safetensors buffer states, and the header's bytes when they are in it.
+fn raw_header(buf: &[u8]) -> (u64, Option<&[u8]>) {
     let n = buf
         .get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -554,16 +554,51 @@ fn explain(buf: &[u8], err: safetensors::SafeTensorError) -> String {
     let header = usize::try_from(n)
         .ok()
         .and_then(|n| buf.get(8..8usize.checked_add(n)?));
-    let entries = || -> Option<Vec<(String, safetensors::tensor::TensorInfo)>> {
-        let raw: BTreeMap<String, Value> = serde_json::from_slice(header?).ok()?;
-        let mut out: Vec<_> = raw
-            .into_iter()
-            .filter(|(k, _)| k != "__metadata__")
-            .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
-            .collect();
-        out.sort_by_key(|(_, i): &(String, safetensors::tensor::TensorInfo)| i.data_offsets);
-        Some(out)
-    };
+    (n, header)
+}
+
+/// The well-formed tensor entries of a header, sorted by byte range; `None` when it is not a
+/// JSON object.
+fn lenient_entries(
+    header: Option<&[u8]>,
+) -> Option<Vec<(String, safetensors::tensor::TensorInfo)>> {
+    let raw: BTreeMap<String, Value> = serde_json::from_slice(header?).ok()?;
+    let mut out: Vec<_> = raw
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+        .collect();
+    out.sort_by_key(|(_, i): &(String, safetensors::tensor::TensorInfo)| i.data_offsets);
+    Some(out)
+}
+
+/// A tensor whose byte range ends so far out that no file holds it, reported before the
+/// `safetensors` crate sees the header: its `read_metadata` (0.8) adds the last tensor's end to the
+/// header length unchecked, which panics in debug builds once offsets that tile correctly reach
+/// `usize::MAX` (a crafted header; found by `tests/integration/fuzz`). Only ends within 8 + the
+/// header length of `usize::MAX` are caught here, so every other file gets the crate's verdict.
+fn end_past_any_file(buf: &[u8]) -> Option<String> {
+    let (n, header) = raw_header(buf);
+    // The crate refuses headers over 100 MB before parsing them; so does this check.
+    let n = usize::try_from(n).ok().filter(|&n| n <= 100_000_000)?;
+    let limit = usize::MAX.checked_sub(8)?.checked_sub(n)?;
+    let (name, info) = lenient_entries(header)?
+        .into_iter()
+        .find(|(_, i)| i.data_offsets.1 > limit)?;
+    Some(format!(
+        "truncated file: tensor `{name}` ends at byte {} of a {}-byte data section",
+        info.data_offsets.1,
+        buf.len().saturating_sub(8).saturating_sub(n)
+    ))
+}
+
+/// Turns a `safetensors` rejection into a message naming the tensor at fault. The crate's errors
+/// for ranges and truncation carry no tensor name (or no byte counts), so the header is parsed once
+/// more, leniently, only to find the culprit; the verdict itself is always the crate's.
+fn explain(buf: &[u8], err: safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let (n, header) = raw_header(buf);
+    let entries = || lenient_entries(header);
     let bytes_of = |i: &safetensors::tensor::TensorInfo| {
         i.shape
             .iter()
