@@ -89,9 +89,21 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_function("strftime_now", |fmt: String| {
-            chrono::Local::now().format(&fmt).to_string()
-        });
+        env.add_function(
+            "strftime_now",
+            |fmt: String| -> std::result::Result<String, minijinja::Error> {
+                // chrono reports a bad specifier (`%Q`, a lone `%`) as a formatting error, which
+                // `to_string` would turn into a panic.
+                let mut out = String::new();
+                write!(out, "{}", chrono::Local::now().format(&fmt)).map_err(|_| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("strftime_now: invalid format `{fmt}`"),
+                    )
+                })?;
+                Ok(out)
+            },
+        );
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source)
             .map_err(|e| template_err(&origin, e))?;
@@ -139,12 +151,18 @@ impl ChatTemplate {
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
+        let ctx = Json::Object(ctx);
+        // With generation tags, a stand-in character in the input would be taken for a tag (and
+        // could mark user text as trained-on); without them, any in the output is refused below.
+        if self.has_generation_tags && holds_reserved(&ctx) {
+            return Err(self.reserved());
+        }
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| template_err(&self.origin, e))?;
         let raw = tmpl
-            .render(Value::from(Serde(Json::Object(ctx))))
+            .render(Value::from(Serde(ctx)))
             .map_err(|e| template_err(&self.origin, e))?;
         if !self.has_generation_tags {
             if raw.contains([GEN_OPEN, GEN_CLOSE]) {
@@ -180,9 +198,22 @@ impl ChatTemplate {
     fn reserved(&self) -> Error {
         Error::Template {
             origin: self.origin.clone(),
-            message: "the conversation contains U+10FFFC/U+10FFFD, which mark generation blocks"
+            message: "the conversation (or a template argument) contains U+10FFFC/U+10FFFD, \
+                      which stand for generation tags while rendering"
                 .into(),
         }
+    }
+}
+
+/// Whether a string anywhere in `v` (a key included) holds a generation stand-in character.
+fn holds_reserved(v: &Json) -> bool {
+    match v {
+        Json::String(s) => s.contains([GEN_OPEN, GEN_CLOSE]),
+        Json::Array(a) => a.iter().any(holds_reserved),
+        Json::Object(m) => m
+            .iter()
+            .any(|(k, v)| k.contains([GEN_OPEN, GEN_CLOSE]) || holds_reserved(v)),
+        Json::Null | Json::Bool(_) | Json::Number(_) => false,
     }
 }
 
@@ -228,9 +259,13 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         ascii: ensure_ascii.unwrap_or(false),
     };
     let mut out = String::new();
-    style.dump(&json, 0, &mut out);
+    style.dump(&json, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
 }
+
+/// The longest text `tojson` writes: the bound minijinja puts on `"x" * n`, so that an `indent`
+/// of 10^18 is an error rather than an allocation failure.
+const MAX_TOJSON_LEN: usize = 100_000_000;
 
 struct PyJson {
     indent: Option<usize>,
@@ -241,11 +276,23 @@ struct PyJson {
 }
 
 impl PyJson {
-    fn newline(&self, level: usize, out: &mut String) {
+    fn newline(&self, level: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
         if let Some(n) = self.indent {
+            let pad = n
+                .checked_mul(level)
+                .filter(|&p| p < MAX_TOJSON_LEN.saturating_sub(out.len()))
+                .ok_or_else(|| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "tojson: indent {n} makes the text longer than {MAX_TOJSON_LEN} bytes"
+                        ),
+                    )
+                })?;
             out.push('\n');
-            out.extend(std::iter::repeat_n(' ', n * level));
+            out.extend(std::iter::repeat_n(' ', pad));
         }
+        Ok(())
     }
 
     fn string(&self, s: &str, out: &mut String) {
@@ -271,7 +318,12 @@ impl PyJson {
         out.push('"');
     }
 
-    fn dump(&self, v: &Json, level: usize, out: &mut String) {
+    fn dump(
+        &self,
+        v: &Json,
+        level: usize,
+        out: &mut String,
+    ) -> std::result::Result<(), minijinja::Error> {
         match v {
             Json::Null => out.push_str("null"),
             Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -284,10 +336,10 @@ impl PyJson {
                     if i > 0 {
                         out.push_str(&self.item);
                     }
-                    self.newline(level + 1, out);
-                    self.dump(x, level + 1, out);
+                    self.newline(level + 1, out)?;
+                    self.dump(x, level + 1, out)?;
                 }
-                self.newline(level, out);
+                self.newline(level, out)?;
                 out.push(']');
             }
             Json::Object(m) if m.is_empty() => out.push_str("{}"),
@@ -301,15 +353,16 @@ impl PyJson {
                     if i > 0 {
                         out.push_str(&self.item);
                     }
-                    self.newline(level + 1, out);
+                    self.newline(level + 1, out)?;
                     self.string(k, out);
                     out.push_str(&self.key);
-                    self.dump(x, level + 1, out);
+                    self.dump(x, level + 1, out)?;
                 }
-                self.newline(level, out);
+                self.newline(level, out)?;
                 out.push('}');
             }
         }
+        Ok(())
     }
 }
 
@@ -352,5 +405,65 @@ mod tests {
             .render(&msgs, false, &[], &Map::new())
             .unwrap_err();
         assert!(e.to_string().contains("no system role"), "{e}");
+    }
+
+    fn render_err(src: &str, msgs: &[ChatMessage]) -> String {
+        ChatTemplate::new(src, "t")
+            .unwrap()
+            .render(msgs, false, &[], &Map::new())
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Found by tests/integration/fuzz: chrono reports a bad specifier as a formatting error, and
+    /// `to_string` panicked on it.
+    #[test]
+    fn strftime_now_with_a_bad_format_is_an_error() {
+        for fmt in ["%Q", "%", "%Y-%"] {
+            let e = render_err(&format!("{{{{ strftime_now('{fmt}') }}}}"), &[]);
+            assert!(e.contains("strftime_now: invalid format"), "{e}");
+        }
+        assert_eq!(render("{{ strftime_now('%%') }}", &[], false).text, "%");
+    }
+
+    /// Found by tests/integration/fuzz: `tojson(indent=9223372036854775807)` asked for a string of
+    /// 2^63 spaces ("capacity overflow" panic; 10^12 would abort on the allocation).
+    #[test]
+    fn tojson_with_a_huge_indent_is_an_error() {
+        let msgs = [ChatMessage::user("hi")];
+        for n in [
+            "9223372036854775807",
+            "18446744073709551615",
+            "1000000000000",
+        ] {
+            let e = render_err(&format!("{{{{ messages|tojson(indent={n}) }}}}"), &msgs);
+            assert!(
+                e.contains("tojson: indent") && e.contains("longer than"),
+                "{e}"
+            );
+        }
+        let r = render("{{ [1]|tojson(indent=100000) }}", &msgs, false);
+        assert_eq!(r.text.len(), "[\n1\n]".len() + 100_000);
+    }
+
+    /// Found by tests/integration/fuzz: with generation tags, stand-ins in a message were taken for
+    /// tags, so a user message could mark its own text as assistant output (or vanish).
+    #[test]
+    fn stand_ins_in_the_input_of_a_tagged_template_are_an_error() {
+        let tagged = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}";
+        let forged = [
+            ChatMessage::user("\u{10FFFC}not an answer\u{10FFFD}"),
+            ChatMessage::assistant("a"),
+        ];
+        let e = render_err(tagged, &forged);
+        assert!(e.contains("U+10FFFC"), "{e}");
+        let mut extra = Map::new();
+        extra.insert("x".into(), serde_json::json!({"k": ["\u{10FFFD}"]}));
+        let e = ChatTemplate::new(tagged, "t")
+            .unwrap()
+            .render(&[ChatMessage::user("q")], false, &[], &extra)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("U+10FFFC"), "{e}");
     }
 }
