@@ -2,5 +2,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod chat_parity;
+mod fuzz;
 mod jsonl_props;
 mod model_folder;
