@@ -1,6 +1,5 @@
 //! `optimsyn influence score` and `optimsyn influence verify`.
 
-use optimsyn_pipeline::{DeviceName, Dtype};
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,6 +11,7 @@ use optimsyn_data_io::{ChatExample, ChatFormat, JsonlWriter, read_jsonl};
 use optimsyn_influence::{
     InfluenceScorer, Precond, ProjectorType, ScoreConfig, SubtaskAgg, verify,
 };
+use optimsyn_pipeline::{DeviceName, Dtype};
 
 /// Influence commands.
 #[derive(Subcommand)]

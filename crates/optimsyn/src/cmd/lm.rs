@@ -1,6 +1,5 @@
 //! `optimsyn lm logprobs` and `optimsyn lm generate`: the model side, row by row.
 
-use optimsyn_pipeline::{DeviceName, Dtype};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -8,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use optimsyn_data_io::{ChatMessage, ChatTokenizer, JsonlReader, ModelFolder, jsonl::parse_row};
 use optimsyn_lm::{CausalLm, LoadOptions, LoraAdapter, SamplingParams, row_key};
+use optimsyn_pipeline::{DeviceName, Dtype};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 

@@ -1,7 +1,6 @@
 //! `optimsyn sft` and `optimsyn eval`: fine-tune a model on chat examples, and measure its
 //! validation loss.
 
-use optimsyn_pipeline::{DeviceName, Dtype};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -16,6 +15,7 @@ use optimsyn_lm::{
     CausalLm, DataInfo, LoraAdapter, LoraConfig, LossReduction, ScheduleKind, SftConfig,
     TrainExample, Trainable, TrainingRecord,
 };
+use optimsyn_pipeline::{DeviceName, Dtype};
 
 /// Arguments of `sft`.
 #[derive(Args)]
