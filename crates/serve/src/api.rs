@@ -129,5 +129,7 @@ pub(crate) fn model_object(name: &str, created: u64) -> wire::Model {
         object: "model".into(),
         created,
         owned_by: "optimsyn".into(),
+        parent: None,
+        root: None,
     }
 }

@@ -33,12 +33,7 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
 }
 
 async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let (body, budget) = read_body(&sh, req.into_body(), declared).await?;
+    let (body, budget) = request_body(&sh, req).await?;
     // Counted from here, not while the body arrives: slow uploads must not take the slots.
     let permit = sh.active.clone().try_acquire_owned().map_err(|_| {
         sh.busy.fetch_add(1, Ordering::Relaxed);
@@ -63,6 +58,7 @@ async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
             max_new_tokens: p.max_new_tokens,
             sampling: p.sampling,
             seed: p.seed,
+            adapter: p.adapter.clone(),
             reply: tx,
         }))
         .map_err(|_| unavailable())?;
@@ -95,6 +91,19 @@ fn busy(message: String) -> ApiError {
         retry_after: Some(1),
         ..ApiError::status(503, message)
     }
+}
+
+/// A request's body, read within the server's limits (see [`read_body`]).
+pub(crate) async fn request_body(
+    sh: &Shared,
+    req: Request,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    read_body(sh, req.into_body(), declared).await
 }
 
 /// Reads the body within `max_body_bytes` (413), `body_timeout_secs` (408) and the memory set
@@ -152,6 +161,9 @@ async fn read_body(
 
 /// A validated request, ready for the model thread.
 struct Plan {
+    /// The served name asked for: the model's, or a LoRA adapter's.
+    model: String,
+    adapter: Option<String>,
     prompt: Vec<u32>,
     n: u32,
     max_new_tokens: usize,
@@ -362,9 +374,13 @@ fn budget(
 }
 
 fn plan(sh: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
-    if req.model != sh.name {
-        return Err(ApiError::model_not_found(&req.model, &sh.name));
-    }
+    let adapter = if req.model == sh.name {
+        None
+    } else if sh.adapters_read().contains_key(&req.model) {
+        Some(req.model.clone())
+    } else {
+        return Err(ApiError::model_not_found(&req.model, &served(sh)));
+    };
     let msgs = messages(req)?;
     let (n, sampling) = sampling(sh, req)?;
     refuse_unsupported(req)?;
@@ -388,6 +404,8 @@ fn plan(sh: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
         }
     };
     Ok(Plan {
+        model: req.model.clone(),
+        adapter,
         prompt,
         n,
         max_new_tokens,
@@ -402,6 +420,13 @@ fn plan(sh: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
             .unwrap_or(false),
         logprobs: req.logprobs.unwrap_or(false),
     })
+}
+
+/// The served names, for an error: the model's, then the adapters'.
+fn served(sh: &Shared) -> String {
+    let mut names = vec![sh.name.clone()];
+    names.extend(sh.adapter_names());
+    names.join("`, `")
 }
 
 /// A reply to write.
@@ -444,7 +469,7 @@ fn reply(sh: &Shared, p: &Plan, gens: &[Generation]) -> Result<Reply, ApiError> 
         .as_secs();
     let completion_tokens: usize = rows.iter().map(|r| r.tokens.len()).sum();
     let usage = Usage::new(p.prompt.len() as u64, completion_tokens as u64);
-    let model = sh.name.clone();
+    let model = p.model.clone();
     if !p.stream {
         let choices = rows
             .iter()

@@ -13,9 +13,11 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use optimsyn_data_io::ChatTokenizer;
-use optimsyn_lm::{CausalLm, FinishReason, Generation, SamplingParams};
+use optimsyn_lm::{CausalLm, FinishReason, Generation, LoraAdapter, SamplingParams};
 use optimsyn_synth::stream_key;
 use tokio::sync::oneshot;
+
+use crate::lora::{AdapterOp, Adapters};
 
 /// Sampling settings that must be equal for rows to share a `generate` call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +49,8 @@ pub(crate) struct Job {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     pub seed: u64,
+    /// The LoRA adapter to generate with (`None`: the base model).
+    pub adapter: Option<String>,
     /// A oneshot, so the async handler awaits it without holding a thread.
     pub reply: oneshot::Sender<Result<Vec<Generation>, String>>,
 }
@@ -54,6 +58,8 @@ pub(crate) struct Job {
 /// What the model thread receives.
 pub(crate) enum Msg {
     Job(Job),
+    /// Load or unload a LoRA adapter: after the jobs queued before it.
+    Adapter(AdapterOp),
     Stop,
 }
 
@@ -78,11 +84,12 @@ pub(crate) struct Engine {
     pub killed: Arc<AtomicBool>,
     pub counters: Arc<Counters>,
     pub threads: Option<usize>,
+    pub adapters: Adapters,
 }
 
 impl Engine {
     /// Runs until a [`Msg::Stop`] arrives or every sender is gone.
-    pub fn run(self, rx: Receiver<Msg>) {
+    pub fn run(mut self, rx: Receiver<Msg>) {
         if let Some(n) = self.threads {
             // libtorch's intra-op thread count is per calling thread under OpenMP.
             tch::set_num_threads(n.clamp(1, i32::MAX as usize) as i32);
@@ -90,12 +97,18 @@ impl Engine {
         loop {
             let first = match rx.recv() {
                 Ok(Msg::Job(j)) => j,
+                Ok(Msg::Adapter(op)) => {
+                    self.adapters.apply(&mut self.model, op);
+                    continue;
+                }
                 Ok(Msg::Stop) | Err(_) => return,
             };
             let mut jobs = vec![first];
             let mut rows = jobs[0].n as usize;
             let deadline = Instant::now() + self.batch_wait;
             let mut stop = false;
+            // An adapter change waits for the jobs queued before it, and ends the gathering.
+            let mut change = None;
             while rows < self.max_batch {
                 // Whatever is already queued joins at once; then wait out the window.
                 let wait = deadline.saturating_duration_since(Instant::now());
@@ -103,6 +116,10 @@ impl Engine {
                     Ok(Msg::Job(j)) => {
                         rows += j.n as usize;
                         jobs.push(j);
+                    }
+                    Ok(Msg::Adapter(op)) => {
+                        change = Some(op);
+                        break;
                     }
                     Ok(Msg::Stop) => {
                         stop = true;
@@ -119,13 +136,16 @@ impl Engine {
                 return;
             }
             self.run_jobs(jobs);
+            if let Some(op) = change {
+                self.adapters.apply(&mut self.model, op);
+            }
             if stop {
                 return;
             }
         }
     }
 
-    fn run_jobs(&self, jobs: Vec<Job>) {
+    fn run_jobs(&mut self, jobs: Vec<Job>) {
         // A client that hung up while its job waited costs no generation.
         let (jobs, gone): (Vec<Job>, Vec<Job>) =
             jobs.into_iter().partition(|j| !j.reply.is_closed());
@@ -138,23 +158,43 @@ impl Engine {
         self.counters
             .jobs
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        // Group by sampling settings, keeping arrival order.
-        let mut groups: Vec<(Sampling, Vec<Job>)> = Vec::new();
+        // Group by adapter and sampling settings, keeping arrival order.
+        type Key = (Option<String>, Sampling);
+        let mut groups: Vec<(Key, Vec<Job>)> = Vec::new();
         for j in jobs {
-            match groups.iter_mut().find(|(s, _)| *s == j.sampling) {
+            let key = (j.adapter.clone(), j.sampling);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, g)) => g.push(j),
-                None => groups.push((j.sampling, vec![j])),
+                None => groups.push((key, vec![j])),
             }
         }
-        for (sampling, group) in groups {
+        for ((adapter, sampling), group) in groups {
             if self.killed.load(Ordering::SeqCst) {
                 return;
             }
-            self.run_group(sampling, group);
+            if let Err(m) = self.adapters.select(&mut self.model, adapter.as_deref()) {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                for job in group {
+                    let _ = job.reply.send(Err(m.clone()));
+                }
+                continue;
+            }
+            self.run_group(sampling, adapter.is_none(), group);
         }
     }
 
-    fn run_group(&self, sampling: Sampling, group: Vec<Job>) {
+    /// Generates a group's rows; `base`: with the attached adapter (if any) bypassed.
+    fn run_group(&self, sampling: Sampling, base: bool, group: Vec<Job>) {
+        let attached = self.adapters.attached().filter(|_| base);
+        let _bypass = match attached.map(LoraAdapter::bypass).transpose() {
+            Ok(guard) => guard,
+            Err(e) => {
+                for job in group {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+                return;
+            }
+        };
         // Rows: (job, choice).
         let rows: Vec<(usize, u32)> = group
             .iter()

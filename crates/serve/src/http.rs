@@ -145,6 +145,8 @@ fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(crate::chat::handle))
         .route("/v1/models", get(models))
+        .route("/v1/load_lora_adapter", post(crate::lora::load))
+        .route("/v1/unload_lora_adapter", post(crate::lora::unload))
         // Served names are often paths (`Qwen/Qwen3-8B`, a model folder).
         .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
@@ -159,16 +161,31 @@ async fn models(State(sh): State<Arc<Shared>>) -> Response {
         StatusCode::OK,
         &wire::ModelList {
             object: "list".into(),
-            data: vec![model_object(&sh.name, sh.created)],
+            data: std::iter::once(model_object(&sh.name, sh.created))
+                .chain(sh.adapters_read().iter().map(|(name, path)| wire::Model {
+                    parent: Some(sh.name.clone()),
+                    root: Some(path.clone()),
+                    ..model_object(name, sh.created)
+                }))
+                .collect(),
         },
     )
 }
 
 async fn model(State(sh): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     if id == sh.name {
-        json_response(StatusCode::OK, &model_object(&sh.name, sh.created))
-    } else {
-        ApiError::model_not_found(&id, &sh.name).into_response()
+        return json_response(StatusCode::OK, &model_object(&sh.name, sh.created));
+    }
+    match sh.adapters_read().get(&id) {
+        Some(path) => json_response(
+            StatusCode::OK,
+            &wire::Model {
+                parent: Some(sh.name.clone()),
+                root: Some(path.clone()),
+                ..model_object(&id, sh.created)
+            },
+        ),
+        None => ApiError::model_not_found(&id, &sh.name).into_response(),
     }
 }
 
@@ -181,7 +198,12 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let allowed = if uri.path() == "/v1/chat/completions" {
+    let posts = [
+        "/v1/chat/completions",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    ];
+    let allowed = if posts.contains(&uri.path()) {
         "POST"
     } else {
         "GET"

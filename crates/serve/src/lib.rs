@@ -1,7 +1,9 @@
 //! An OpenAI-compatible server for a local optimsyn-lm model (`optimsyn serve`):
 //! `POST /v1/chat/completions` (with `stream`, `seed`, `stop`, `max_tokens` /
 //! `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `n`, `logprobs`, `usage`),
-//! `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`.
+//! `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`; with [`ServeConfig::enable_lora`],
+//! LoRA adapters loaded and unloaded at run time through vLLM's `POST /v1/load_lora_adapter` and
+//! `POST /v1/unload_lora_adapter`, each served under its own model name.
 //!
 //! Part of the [optimsyn](https://github.com/optimsyn/optimsyn) workspace. The HTTP side is axum
 //! routes on hyper's HTTP/1.1 connections, on a tokio runtime the server owns; the public API is
@@ -49,12 +51,14 @@ mod chat;
 mod engine;
 mod error;
 mod http;
+mod lora;
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -111,6 +115,10 @@ pub struct ServeConfig {
     /// Chat-template arguments for every request (a request's `chat_template_kwargs` override
     /// them), e.g. `{"enable_thinking": false}`.
     pub template_kwargs: Map<String, Value>,
+    /// Serve LoRA adapters loaded at run time through `POST /v1/load_lora_adapter` and
+    /// `/v1/unload_lora_adapter` (vLLM's endpoints); a request names one as its `model`. Off by
+    /// default: the endpoints read any adapter folder the server process can read.
+    pub enable_lora: bool,
 }
 
 impl Default for ServeConfig {
@@ -130,6 +138,7 @@ impl Default for ServeConfig {
             body_timeout_secs: 30,
             threads: None,
             template_kwargs: Map::new(),
+            enable_lora: false,
         }
     }
 }
@@ -224,6 +233,26 @@ pub(crate) struct Shared {
     pub busy: AtomicU64,
     pub nonce: u64,
     pub serial: AtomicU64,
+    /// The LoRA adapters served beside the model: name → folder (the model thread holds them).
+    pub adapters: RwLock<BTreeMap<String, String>>,
+}
+
+impl Shared {
+    /// The served adapters' names.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters_read().keys().cloned().collect()
+    }
+
+    pub fn adapters_read(&self) -> RwLockReadGuard<'_, BTreeMap<String, String>> {
+        // A handler that panicked holding the lock left a map that is still whole.
+        self.adapters.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn adapters_write(&self) -> RwLockWriteGuard<'_, BTreeMap<String, String>> {
+        self.adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Server {
@@ -298,6 +327,7 @@ impl Server {
             killed: killed.clone(),
             counters: counters.clone(),
             threads: config.threads,
+            adapters: Default::default(),
         };
         let model_thread = std::thread::Builder::new()
             .name("optimsyn-serve-model".into())
@@ -319,6 +349,7 @@ impl Server {
             busy: AtomicU64::new(0),
             nonce: now.as_nanos() as u64 ^ u64::from(std::process::id()),
             serial: AtomicU64::new(0),
+            adapters: RwLock::new(BTreeMap::new()),
         });
         let listener = {
             let _guard = runtime.enter();

@@ -2,11 +2,11 @@
 //! generator can run on another machine (or be shared by several runs) and any OpenAI client can
 //! use it.
 
-use optimsyn_pipeline::{DeviceName, Dtype};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use optimsyn_pipeline::{DeviceName, Dtype};
 use optimsyn_serve::{ServeConfig, Server};
 use serde_json::{Map, Value};
 
@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// '{"enable_thinking": false}'; a request's `chat_template_kwargs` override them.
     #[arg(long, default_value = "{}")]
     pub template_kwargs: String,
+    /// Serve LoRA adapters loaded at run time: `POST /v1/load_lora_adapter` with
+    /// `{"lora_name", "lora_path"}` (a PEFT folder this process can read), then ask for
+    /// `lora_name` as the model; `POST /v1/unload_lora_adapter` with `{"lora_name"}`.
+    #[arg(long)]
+    pub enable_lora: bool,
 }
 
 /// Loads the model and serves until the process is stopped.
@@ -69,6 +74,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         idle_timeout_secs: a.idle_timeout_secs,
         threads: a.threads,
         template_kwargs,
+        enable_lora: a.enable_lora,
         ..ServeConfig::default()
     };
     let server = Server::load(&a.model, opts, config)?;

@@ -2,6 +2,7 @@
 
 mod abuse;
 mod common;
+mod lora;
 mod openai_python;
 mod serve;
 #[path = "../../../synth/tests/integration/tiny.rs"]

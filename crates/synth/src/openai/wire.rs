@@ -325,6 +325,12 @@ pub struct Model {
     /// Who serves it.
     #[serde(default)]
     pub owned_by: String,
+    /// The base model of a LoRA adapter (vLLM's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Where a LoRA adapter was loaded from (vLLM's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// `/v1/models`.
