@@ -24,9 +24,7 @@ fn write_adapter(dir: &Path, seed: u64) {
     tch::manual_seed(seed as i64);
     for (name, p) in adapter.named_parameters() {
         if name.contains("lora_B") {
-            tch::no_grad(|| {
-                let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.5));
-            });
+            tch::no_grad(|| p.shallow_clone().copy_(&(p.randn_like() * 0.5)));
         }
     }
     adapter.save(dir).expect("save adapter");
