@@ -35,13 +35,7 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
 async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
     let (body, budget) = request_body(&sh, req).await?;
     // Counted from here, not while the body arrives: slow uploads must not take the slots.
-    let permit = sh.active.clone().try_acquire_owned().map_err(|_| {
-        sh.busy.fetch_add(1, Ordering::Relaxed);
-        busy(format!(
-            "{} chat completions are in progress, the most this server takes; retry later",
-            sh.config.max_active_requests
-        ))
-    })?;
+    let permit = slot(&sh)?;
     let s = sh.clone();
     let p = blocking(move || {
         let parsed = parse_request(&body);
@@ -78,12 +72,23 @@ async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
 }
 
 /// Runs CPU work (parsing, tokenizing, decoding) off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::status(500, format!("internal error: {e}")))?
+}
+
+/// A slot among the `max_active_requests` completions in progress, or a 503.
+pub(crate) fn slot(sh: &Shared) -> Result<OwnedSemaphorePermit, ApiError> {
+    sh.active.clone().try_acquire_owned().map_err(|_| {
+        sh.busy.fetch_add(1, Ordering::Relaxed);
+        busy(format!(
+            "{} completions are in progress, the most this server takes; retry later",
+            sh.config.max_active_requests
+        ))
+    })
 }
 
 fn busy(message: String) -> ApiError {
@@ -235,7 +240,18 @@ fn messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
 
 /// Sampling settings, checked as vLLM checks them (with OpenAI's range for temperature).
 fn sampling(sh: &Shared, req: &ChatRequest) -> Result<(u32, Sampling), ApiError> {
-    let n = req.n.unwrap_or(1);
+    sampling_of(sh, req.n, req.temperature, req.top_p, req.top_k)
+}
+
+/// `n` and the sampling settings of any request, checked as vLLM checks them.
+pub(crate) fn sampling_of(
+    sh: &Shared,
+    n: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+) -> Result<(u32, Sampling), ApiError> {
+    let n = n.unwrap_or(1);
     if n < 1 {
         return Err(ApiError::invalid(
             format!("n must be at least 1, got {n}"),
@@ -248,21 +264,21 @@ fn sampling(sh: &Shared, req: &ChatRequest) -> Result<(u32, Sampling), ApiError>
             Some("n"),
         ));
     }
-    let temperature = req.temperature.unwrap_or(1.0);
+    let temperature = temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
         return Err(ApiError::invalid(
             format!("temperature must be in [0, 2], got {temperature}"),
             Some("temperature"),
         ));
     }
-    let top_p = req.top_p.unwrap_or(1.0);
+    let top_p = top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
             format!("top_p must be in (0, 1], got {top_p}"),
             Some("top_p"),
         ));
     }
-    let top_k = match req.top_k {
+    let top_k = match top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
         Some(k) => {
@@ -330,25 +346,39 @@ fn budget(
         .render_chat_with(msgs, true, &kwargs)
         .and_then(|r| sh.tokenizer.encode_rendered(&r.text))
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let room = sh.context.saturating_sub(prompt.len());
-    if prompt.is_empty() || room == 0 {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt is {} tokens; this model's maximum context length is {} tokens, which leaves no room to generate",
-                prompt.len(),
-                sh.context
-            ),
-            Some("messages"),
-        )
-        .with_code("context_length_exceeded"));
-    }
     let param = if req.max_completion_tokens.is_some() {
         "max_completion_tokens"
     } else {
         "max_tokens"
     };
-    let max_new_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        None => room,
+    let asked = req.max_completion_tokens.or(req.max_tokens);
+    let max_new_tokens = new_tokens(sh, prompt.len(), "messages", (param, asked), None)?;
+    Ok((prompt, max_new_tokens))
+}
+
+/// How many new tokens a prompt of `prompt_len` gets: `asked` (named `param`) must fit in the
+/// context after the prompt (vLLM's rule and message); absent, `default` or the rest of the
+/// context, whichever is less.
+pub(crate) fn new_tokens(
+    sh: &Shared,
+    prompt_len: usize,
+    prompt_param: &str,
+    (param, asked): (&str, Option<i64>),
+    default: Option<usize>,
+) -> Result<usize, ApiError> {
+    let room = sh.context.saturating_sub(prompt_len);
+    if prompt_len == 0 || room == 0 {
+        return Err(ApiError::invalid(
+            format!(
+                "the prompt is {prompt_len} tokens; this model's maximum context length is {} tokens, which leaves no room to generate",
+                sh.context
+            ),
+            Some(prompt_param),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(match asked {
+        None => default.map_or(room, |d| d.min(room)),
         Some(m) if m < 1 => {
             return Err(ApiError::invalid(
                 format!("{param} must be at least 1, got {m}"),
@@ -358,51 +388,25 @@ fn budget(
         Some(m) if m as u64 > room as u64 => {
             return Err(ApiError::invalid(
                 format!(
-                    "{param} is too large: {m}. This model's maximum context length is {} tokens and your request has {} input tokens ({m} > {} - {})",
-                    sh.context,
-                    prompt.len(),
-                    sh.context,
-                    prompt.len()
+                    "{param} is too large: {m}. This model's maximum context length is {} tokens and your request has {prompt_len} input tokens ({m} > {} - {prompt_len})",
+                    sh.context, sh.context,
                 ),
                 Some(param),
             )
             .with_code("context_length_exceeded"));
         }
         Some(m) => m as usize,
-    };
-    Ok((prompt, max_new_tokens))
+    })
 }
 
 fn plan(sh: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
-    let adapter = if req.model == sh.name {
-        None
-    } else if sh.adapters_read().contains_key(&req.model) {
-        Some(req.model.clone())
-    } else {
-        return Err(ApiError::model_not_found(&req.model, &served(sh)));
-    };
+    let adapter = resolve_model(sh, &req.model)?;
     let msgs = messages(req)?;
     let (n, sampling) = sampling(sh, req)?;
     refuse_unsupported(req)?;
-    let stops = match &req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s.clone()],
-        Some(Stop::Many(v)) => v.clone(),
-    };
-    if stops.len() > 16 || stops.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "stop: at most 16 non-empty strings",
-            Some("stop"),
-        ));
-    }
+    let stops = stop_strings(&req.stop)?;
     let (prompt, max_new_tokens) = budget(sh, req, &msgs)?;
-    let seed = match req.seed {
-        Some(s) => s as u64,
-        None => {
-            let k = sh.serial.fetch_add(1, Ordering::Relaxed);
-            optimsyn_synth::stream_key(sh.nonce, k as u32) ^ k
-        }
-    };
+    let seed = seed_of(sh, req.seed);
     Ok(Plan {
         model: req.model.clone(),
         adapter,
@@ -420,6 +424,44 @@ fn plan(sh: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
             .unwrap_or(false),
         logprobs: req.logprobs.unwrap_or(false),
     })
+}
+
+/// The LoRA adapter a request's `model` names (`None`: the base model), or a 404.
+pub(crate) fn resolve_model(sh: &Shared, model: &str) -> Result<Option<String>, ApiError> {
+    if model == sh.name {
+        Ok(None)
+    } else if sh.adapters_read().contains_key(model) {
+        Ok(Some(model.to_string()))
+    } else {
+        Err(ApiError::model_not_found(model, &served(sh)))
+    }
+}
+
+/// `stop` as a list: at most 16 non-empty strings.
+pub(crate) fn stop_strings(stop: &Option<Stop>) -> Result<Vec<String>, ApiError> {
+    let stops = match stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > 16 || stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop: at most 16 non-empty strings",
+            Some("stop"),
+        ));
+    }
+    Ok(stops)
+}
+
+/// The request's seed, or a fresh one.
+pub(crate) fn seed_of(sh: &Shared, seed: Option<i64>) -> u64 {
+    match seed {
+        Some(s) => s as u64,
+        None => {
+            let k = sh.serial.fetch_add(1, Ordering::Relaxed);
+            optimsyn_synth::stream_key(sh.nonce, k as u32) ^ k
+        }
+    }
 }
 
 /// The served names, for an error: the model's, then the adapters'.

@@ -144,6 +144,7 @@ fn trim_slash(mut req: Request<Body>) -> Request<Body> {
 fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(crate::chat::handle))
+        .route("/v1/completions", post(crate::completions::handle))
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(crate::lora::load))
         .route("/v1/unload_lora_adapter", post(crate::lora::unload))
@@ -200,6 +201,7 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let posts = [
         "/v1/chat/completions",
+        "/v1/completions",
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
     ];

@@ -1,6 +1,8 @@
 //! An OpenAI-compatible server for a local optimsyn-lm model (`optimsyn serve`):
 //! `POST /v1/chat/completions` (with `stream`, `seed`, `stop`, `max_tokens` /
 //! `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `n`, `logprobs`, `usage`),
+//! `POST /v1/completions` (prompts as text or token ids, `logprobs: 0`, vLLM's
+//! `return_tokens_as_token_ids`: what a trainer needs to sample rollouts),
 //! `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`; with [`ServeConfig::enable_lora`],
 //! LoRA adapters loaded and unloaded at run time through vLLM's `POST /v1/load_lora_adapter` and
 //! `POST /v1/unload_lora_adapter`, each served under its own model name.
@@ -48,6 +50,7 @@
 
 mod api;
 mod chat;
+mod completions;
 mod engine;
 mod error;
 mod http;
@@ -222,6 +225,8 @@ pub(crate) struct Shared {
     pub name: String,
     pub created: u64,
     pub context: usize,
+    /// The model's vocabulary size: token ids in prompts must be below it.
+    pub vocab: usize,
     pub config: ServeConfig,
     /// The model thread's queue; `std::sync::mpsc::Sender` is `Sync`, so handlers send directly.
     pub jobs: Sender<Msg>,
@@ -316,6 +321,7 @@ impl Server {
             .map_err(bind_err)?;
         let stop = stop_tokens(&self.model, &self.tokenizer);
         let context = self.model.config().max_position_embeddings;
+        let vocab = self.model.config().vocab_size;
         let (tx, rx) = mpsc::channel();
         let killed = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
@@ -341,6 +347,7 @@ impl Server {
             name: self.name,
             created: now.as_secs(),
             context,
+            vocab,
             active: Arc::new(Semaphore::new(config.max_active_requests)),
             body_budget: Arc::new(Semaphore::new(config.max_body_bytes.saturating_mul(8))),
             config,

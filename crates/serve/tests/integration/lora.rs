@@ -63,7 +63,7 @@ fn texts(g: &dyn Generator) -> Vec<String> {
 }
 
 /// POSTs `body` to `path` under the server's `/v1`; the status and the body.
-fn post(server: &ServerHandle, path: &str, body: &Value) -> (u16, String) {
+pub fn post(server: &ServerHandle, path: &str, body: &Value) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))

@@ -2,6 +2,7 @@
 
 mod abuse;
 mod common;
+mod completions;
 mod lora;
 mod openai_python;
 mod serve;

@@ -124,6 +124,128 @@ pub struct ChatRequest {
     pub extra: Map<String, Value>,
 }
 
+/// `prompt` of `/v1/completions`: text or token ids, one prompt or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// One prompt as text (tokenized as it is, no chat template).
+    Text(String),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several prompts as text.
+    Texts(Vec<String>),
+    /// Several prompts as token ids.
+    TokenBatch(Vec<Vec<u32>>),
+}
+
+/// `POST /v1/completions` (the legacy completions API, as vLLM serves it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    /// Served model (or LoRA adapter) name.
+    pub model: String,
+    /// What to continue.
+    pub prompt: PromptInput,
+    /// New-token budget (OpenAI's default for this API is 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Top-k (vLLM's extension; -1 or 0 off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    /// Sampling seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// Stop strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Completions per prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<i64>,
+    /// Server-sent events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    /// Log-probs of the sampled tokens and of this many alternatives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<i64>,
+    /// Return the prompt before the completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    /// Candidates to choose from per completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<i64>,
+    /// Penalties (not supported unless 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// Penalties (not supported unless 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    /// Token biases (not supported unless empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<Map<String, Value>>,
+    /// Text after the completion (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    /// vLLM's extension: log-prob tokens as `token_id:N` instead of text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// Every other field, kept as sent.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The log-probs of a text completion (the legacy API's shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextLogprobs {
+    /// Each generated token (text, or `token_id:N`).
+    pub tokens: Vec<String>,
+    /// Each token's log-prob.
+    pub token_logprobs: Vec<f64>,
+    /// Alternatives per position (`null` entries here: none are computed).
+    #[serde(default)]
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
+    /// Each token's character offset in `text`.
+    #[serde(default)]
+    pub text_offset: Vec<usize>,
+}
+
+/// One choice of a text completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextChoice {
+    /// Prompt-major: prompt `k`'s choice `j` is `k * n + j`.
+    pub index: u32,
+    /// The completion.
+    pub text: String,
+    /// With `logprobs`.
+    #[serde(default)]
+    pub logprobs: Option<TextLogprobs>,
+    /// `stop` or `length`.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+/// The reply of `/v1/completions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextCompletion {
+    /// Request id.
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model (or adapter) that answered.
+    pub model: String,
+    /// The completions.
+    pub choices: Vec<TextChoice>,
+    /// Token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
 /// Token counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
