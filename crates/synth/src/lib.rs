@@ -61,7 +61,9 @@ pub use generator::{
     ChatPrompt, Completion, FinishReason, GenerationParams, Generator, request_seed, stream_key,
 };
 pub use local::{LocalGenerator, stop_tokens};
-pub use openai::{OpenAiConfig, OpenAiGenerator};
+pub use openai::{
+    OpenAiClient, OpenAiConfig, OpenAiGenerator, SampledRow, ServedSampler, TokenSampling,
+};
 pub use prompt::{QaPrompt, RubricSections};
 pub use qa::{
     Checked, DEFAULT_LEAKAGE_PHRASES, ExtractedQa, MAX_CANDIDATES, QaChecks, Rejection, extract_qa,
