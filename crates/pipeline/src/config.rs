@@ -83,6 +83,14 @@ pub struct ModelsConfig {
     /// The model name to ask the endpoint for.
     #[serde(default)]
     pub generator_model: Option<String>,
+    /// An OpenAI-compatible server that samples the policy's rollouts (vLLM with runtime LoRA
+    /// loading, or `optimsyn serve --enable-lora`): before every GRPO step the policy's adapter is
+    /// published to it (`OUT/rl/served/`, which the server must be able to read).
+    #[serde(default)]
+    pub policy_url: Option<String>,
+    /// The policy's base model as that server names it.
+    #[serde(default)]
+    pub policy_model: Option<String>,
     /// The target model whose validation loss the data should lower.
     pub target: PathBuf,
     /// `cpu`, `cuda`, `cuda:N`: where every model runs unless placed below.
@@ -525,6 +533,12 @@ impl RunConfig {
                 "key `models.generator_model`: required with `models.generator_url`"
             ),
             _ => bail!("key `models.generator` / `models.generator_url`: give exactly one"),
+        }
+        if self.models.policy_url.is_some() {
+            ensure!(
+                self.models.policy_model.is_some(),
+                "key `models.policy_model`: required with `models.policy_url`"
+            );
         }
         for (k, p) in [
             ("prompts.policy_system", &self.prompts.policy_system),

@@ -54,6 +54,7 @@ mod progress;
 mod report;
 mod reward;
 mod rollouts;
+mod served;
 mod stage0;
 mod stage1;
 mod stage2;
@@ -71,6 +72,7 @@ pub use reward::{
     rewards, subtask_means,
 };
 pub use rollouts::{policy_info, sample_rubrics, synthesize_rubrics, valid_examples};
+pub use served::{ServedError, ServedPolicy, ServedRollouts};
 pub use stage0::{SeedPrompt, stage0, train_split};
 pub use stage1::{
     WARMUP_DIAGNOSTICS, WarmupDiagnostics, read_warmup_diagnostics, score_config, stage1,

@@ -5,4 +5,5 @@ mod diagnostics_cli;
 mod hygiene_cli;
 mod lm_cli;
 mod resume_cli;
+mod served_cli;
 mod train_cli;
