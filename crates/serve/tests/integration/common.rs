@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use optimsyn_serve::{ServeConfig, Server, ServerHandle};
+use serde_json::Value;
 
 pub use crate::tiny::{MODEL, load_model, local, prompts, tasks, tiny_prompt};
 
@@ -35,4 +36,23 @@ pub fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// POSTs `body` to `path` under the server's `/v1`; the status and the body.
+pub fn post_to(server: &ServerHandle, path: &str, body: &Value) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .proxy(None)
+        .build()
+        .into();
+    let mut r = agent
+        .post(format!("{}/{path}", server.base_url()))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .expect("request");
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().expect("body"),
+    )
 }

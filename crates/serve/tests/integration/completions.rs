@@ -6,8 +6,7 @@ use optimsyn_serve::{ServeConfig, ServerHandle};
 use optimsyn_synth::{stop_tokens, stream_key};
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, load_model, start_server};
-use crate::lora::post;
+use crate::common::{MODEL, load_model, post_to as post, start_server};
 
 fn complete(server: &ServerHandle, body: Value) -> Value {
     let (status, text) = post(server, "completions", &body);

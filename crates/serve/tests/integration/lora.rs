@@ -3,14 +3,13 @@
 //! the base model's stay the base model's, and bad requests get vLLM's answers.
 
 use std::path::Path;
-use std::time::Duration;
 
 use optimsyn_lm::{LoraAdapter, LoraConfig};
 use optimsyn_serve::{ServeConfig, ServerHandle};
 use optimsyn_synth::{GenerationParams, Generator, LocalGenerator, OpenAiConfig, OpenAiGenerator};
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, load_model, prompts, start_server};
+use crate::common::{MODEL, load_model, post_to, prompts, start_server};
 
 /// A PEFT adapter folder for the tiny model whose B matrices are not zero, so it changes outputs.
 fn write_adapter(dir: &Path, seed: u64) {
@@ -62,25 +61,6 @@ fn texts(g: &dyn Generator) -> Vec<String> {
         .collect()
 }
 
-/// POSTs `body` to `path` under the server's `/v1`; the status and the body.
-pub fn post(server: &ServerHandle, path: &str, body: &Value) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .proxy(None)
-        .build()
-        .into();
-    let mut r = agent
-        .post(format!("{}/{path}", server.base_url()))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .expect("request");
-    (
-        r.status().as_u16(),
-        r.body_mut().read_to_string().expect("body"),
-    )
-}
-
 fn get(server: &ServerHandle, path: &str) -> Value {
     let text = ureq::get(format!("{}/{path}", server.base_url()))
         .call()
@@ -93,7 +73,7 @@ fn get(server: &ServerHandle, path: &str) -> Value {
 
 fn load(server: &ServerHandle, name: &str, path: &Path) -> (u16, String) {
     let body = json!({"lora_name": name, "lora_path": path.display().to_string()});
-    post(server, "load_lora_adapter", &body)
+    post_to(server, "load_lora_adapter", &body)
 }
 
 #[test]
@@ -152,19 +132,19 @@ fn adapters_load_serve_and_unload_like_vllm() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("cannot load LoRA adapter 'bad'"), "{body}");
     assert_eq!(served_texts(&server, "b"), b_want);
-    let (status, body) = post(&server, "load_lora_adapter", &json!({"lora_name": "x"}));
+    let (status, body) = post_to(&server, "load_lora_adapter", &json!({"lora_name": "x"}));
     assert_eq!(status, 400, "{body}");
 
-    let (status, body) = post(&server, "unload_lora_adapter", &json!({"lora_name": "a"}));
+    let (status, body) = post_to(&server, "unload_lora_adapter", &json!({"lora_name": "a"}));
     assert_eq!(
         (status, body.as_str()),
         (200, "Success: LoRA adapter 'a' removed successfully.")
     );
-    let (status, body) = post(&server, "unload_lora_adapter", &json!({"lora_name": "a"}));
+    let (status, body) = post_to(&server, "unload_lora_adapter", &json!({"lora_name": "a"}));
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("cannot be found"), "{body}");
     let chat = json!({"model": "a", "messages": [{"role": "user", "content": "hi"}]});
-    let (status, body) = post(&server, "chat/completions", &chat);
+    let (status, body) = post_to(&server, "chat/completions", &chat);
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("model_not_found"), "{body}");
     assert_eq!(

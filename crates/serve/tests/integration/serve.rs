@@ -10,7 +10,9 @@ use optimsyn_synth::{
 };
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, local, prompts, raw_request, start_server, tasks, tiny_prompt};
+use crate::common::{
+    MODEL, local, post_to, prompts, raw_request, start_server, tasks, tiny_prompt,
+};
 
 fn client(url: &str, params: GenerationParams, concurrency: usize) -> OpenAiGenerator {
     OpenAiGenerator::new(
@@ -74,20 +76,9 @@ fn http_backend_matches_the_local_backend_and_batches() {
     server.shutdown();
 }
 
+/// POSTs a chat completion; the status and the body.
 pub fn post(server: &ServerHandle, body: &Value) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .proxy(None)
-        .build()
-        .into();
-    let mut r = agent
-        .post(format!("{}/chat/completions", server.base_url()))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .expect("request");
-    let status = r.status().as_u16();
-    (status, r.body_mut().read_to_string().expect("body"))
+    post_to(server, "chat/completions", body)
 }
 
 pub fn chat(extra: Value) -> Value {
