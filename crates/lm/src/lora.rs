@@ -610,6 +610,24 @@ impl LoraAdapter {
     }
 
     fn attach(model: &mut CausalLm, config: LoraConfig, source: Source<'_>) -> Result<Self> {
+        let had: Vec<bool> = model
+            .linear_layers_mut()
+            .iter()
+            .map(|l| l.adapter.is_some())
+            .collect();
+        let attached = Self::attach_layers(model, config, source);
+        if attached.is_err() {
+            // A load that failed part way leaves the model as it was.
+            for (lin, had) in model.linear_layers_mut().into_iter().zip(had) {
+                if !had {
+                    lin.adapter = None;
+                }
+            }
+        }
+        attached
+    }
+
+    fn attach_layers(model: &mut CausalLm, config: LoraConfig, source: Source<'_>) -> Result<Self> {
         config.validate()?;
         let (kind, device) = (model.kind(), model.device());
         for (_, p) in model.named_parameters() {
@@ -701,7 +719,6 @@ impl LoraAdapter {
         }
         drop(layers);
         if modules.is_empty() {
-            detach_all(model);
             return Err(Error::input(format!(
                 "LoRA target_modules {:?} match no projection of this {} model",
                 config.target_modules,
@@ -711,7 +728,6 @@ impl LoraAdapter {
         if let Source::File(store, path) = source
             && let Some(extra) = store.names().find(|n| !taken.contains(*n))
         {
-            detach_all(model);
             return Err(Error::weight(
                 path,
                 extra,

@@ -120,19 +120,11 @@ impl Adapters {
 
     fn attach(&mut self, model: &mut CausalLm, name: &str, path: &Path) -> Result<(), String> {
         self.detach(model);
-        match LoraAdapter::load(model, path) {
-            Ok(a) => {
-                self.attached = Some((name.to_string(), a));
-                Ok(())
-            }
-            Err(e) => {
-                // A load that failed half way leaves no layer adapted.
-                for lin in model.linear_layers_mut() {
-                    lin.set_adapter(None);
-                }
-                Err(format!("cannot load LoRA adapter '{name}': {e}"))
-            }
-        }
+        // A load that fails leaves the model as it was (optimsyn-lm sees to it).
+        let a = LoraAdapter::load(model, path)
+            .map_err(|e| format!("cannot load LoRA adapter '{name}': {e}"))?;
+        self.attached = Some((name.to_string(), a));
+        Ok(())
     }
 
     fn detach(&mut self, model: &mut CausalLm) {

@@ -179,12 +179,24 @@ fn adapters_for_another_rank_or_architecture_are_refused_by_name() {
     let cfg_path = dir.path().join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).expect("config");
     std::fs::write(&cfg_path, text.replace("\"r\": 4", "\"r\": 8")).expect("write");
-    let err = LoraAdapter::load(&mut load("qwen3_tied_gqa"), dir.path())
+    let mut model = load("qwen3_tied_gqa");
+    let err = LoraAdapter::load(&mut model, dir.path())
         .expect_err("rank mismatch")
         .to_string();
     assert!(
         err.contains("lora_A.weight") && err.contains("r = 8"),
         "{err}"
+    );
+    let adapted = |m: &mut CausalLm| {
+        m.linear_layers_mut()
+            .iter()
+            .filter(|l| l.has_adapter())
+            .count()
+    };
+    assert_eq!(
+        adapted(&mut model),
+        0,
+        "a failed load leaves no layer adapted"
     );
     std::fs::write(&cfg_path, &text).expect("write");
 
@@ -197,10 +209,12 @@ fn adapters_for_another_rank_or_architecture_are_refused_by_name() {
         "{err}"
     );
     // Fewer layers than the adapter: the extra tensors are named.
-    let err = LoraAdapter::load(&mut load("llama_tied_gqa"), dir.path())
+    let mut model = load("llama_tied_gqa");
+    let err = LoraAdapter::load(&mut model, dir.path())
         .expect_err("other model")
         .to_string();
     assert!(err.contains("lora_"), "{err}");
+    assert_eq!(adapted(&mut model), 0);
 
     // A truncated weights file and an unsupported feature.
     let w = dir.path().join("adapter_model.safetensors");
