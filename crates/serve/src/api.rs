@@ -3,7 +3,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use optimsyn_synth::openai::wire::{self, ChatRequest, ErrorObject, ErrorResponse};
+use optimsyn_synth::openai::wire::{self, ErrorObject, ErrorResponse};
 use serde_json::Value;
 
 /// An error reply: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
@@ -110,13 +110,8 @@ pub(crate) fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -
     }
 }
 
-/// Parses a request body, naming the field at fault. serde_json's recursion limit (128) turns
-/// deeply nested input into an error rather than a stack overflow.
-pub(crate) fn parse_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    parse_body(body)
-}
-
-/// [`parse_request`] for any request type.
+/// Parses a request body (a JSON object), naming the field at fault. serde_json's recursion limit
+/// (128) turns deeply nested input into an error rather than a stack overflow.
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;

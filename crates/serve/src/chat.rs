@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use crate::Shared;
-use crate::api::{ApiError, json_response, parse_request};
+use crate::api::{ApiError, json_response, parse_body};
 use crate::engine::{Decoded, Job, Msg, Sampling, decode_row};
 
 /// The handler.
@@ -33,16 +33,7 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
 }
 
 async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
-    let (body, budget) = request_body(&sh, req).await?;
-    // Counted from here, not while the body arrives: slow uploads must not take the slots.
-    let permit = slot(&sh)?;
-    let s = sh.clone();
-    let p = blocking(move || {
-        let parsed = parse_request(&body);
-        drop((body, budget));
-        plan(&s, &parsed?)
-    })
-    .await?;
+    let (p, permit) = admit(&sh, req, plan).await?;
     let (tx, rx) = oneshot::channel();
     let unavailable = || ApiError::status(503, "the server is shutting down");
     sh.jobs
@@ -69,6 +60,30 @@ async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
         }
         Reply::Events(events) => sse(events, permit),
     })
+}
+
+/// A request admitted: its body read within the limits, a slot taken (counted from here, not while
+/// the body arrives: slow uploads must not take the slots), and `plan` made from the parsed body
+/// off the async workers.
+pub(crate) async fn admit<R, P>(
+    sh: &Arc<Shared>,
+    req: Request,
+    plan: fn(&Shared, &R) -> Result<P, ApiError>,
+) -> Result<(P, OwnedSemaphorePermit), ApiError>
+where
+    R: serde::de::DeserializeOwned + 'static,
+    P: Send + 'static,
+{
+    let (body, budget) = request_body(sh, req).await?;
+    let permit = slot(sh)?;
+    let s = sh.clone();
+    let p = blocking(move || {
+        let parsed = parse_body::<R>(&body);
+        drop((body, budget));
+        plan(&s, &parsed?)
+    })
+    .await?;
+    Ok((p, permit))
 }
 
 /// Runs CPU work (parsing, tokenizing, decoding) off the async workers.

@@ -17,10 +17,8 @@ use optimsyn_synth::openai::wire::{
 use tokio::sync::oneshot;
 
 use crate::Shared;
-use crate::api::{ApiError, json_response, parse_body};
-use crate::chat::{
-    blocking, new_tokens, request_body, resolve_model, sampling_of, seed_of, slot, stop_strings,
-};
+use crate::api::{ApiError, json_response};
+use crate::chat::{admit, blocking, new_tokens, resolve_model, sampling_of, seed_of, stop_strings};
 use crate::engine::{Decoded, Job, Msg, Sampling, decode_row};
 
 /// OpenAI's default budget for this API.
@@ -35,15 +33,7 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
 }
 
 async fn run(sh: Arc<Shared>, req: Request) -> Result<Response, ApiError> {
-    let (body, budget) = request_body(&sh, req).await?;
-    let permit = slot(&sh)?;
-    let s = sh.clone();
-    let p = blocking(move || {
-        let parsed = parse_body::<CompletionRequest>(&body);
-        drop((body, budget));
-        plan(&s, &parsed?)
-    })
-    .await?;
+    let (p, permit) = admit(&sh, req, plan).await?;
     let unavailable = || ApiError::status(503, "the server is shutting down");
     let mut replies = Vec::with_capacity(p.prompts.len());
     for (prompt, &max_new_tokens) in p.prompts.iter().zip(&p.max_new_tokens) {
