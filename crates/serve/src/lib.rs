@@ -58,7 +58,7 @@ mod lora;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -122,6 +122,9 @@ pub struct ServeConfig {
     /// `/v1/unload_lora_adapter` (vLLM's endpoints); a request names one as its `model`. Off by
     /// default: the endpoints read any adapter folder the server process can read.
     pub enable_lora: bool,
+    /// LoRA adapters served from the start, name → PEFT folder (vLLM's `--lora-modules`); they
+    /// need no `enable_lora`, which only opens the run-time endpoints.
+    pub lora_modules: BTreeMap<String, PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -142,6 +145,7 @@ impl Default for ServeConfig {
             threads: None,
             template_kwargs: Map::new(),
             enable_lora: false,
+            lora_modules: BTreeMap::new(),
         }
     }
 }
@@ -358,6 +362,7 @@ impl Server {
             serial: AtomicU64::new(0),
             adapters: RwLock::new(BTreeMap::new()),
         });
+        load_static_adapters(&shared)?;
         let listener = {
             let _guard = runtime.enter();
             tokio::net::TcpListener::from_std(listener).map_err(bind_err)?
@@ -374,6 +379,31 @@ impl Server {
             model: Some(model_thread),
         })
     }
+}
+
+/// Loads `config.lora_modules` on the model thread before the server takes requests.
+fn load_static_adapters(shared: &Shared) -> Result<()> {
+    for (name, path) in &shared.config.lora_modules {
+        let field = format!("lora_modules.{name}");
+        if name == &shared.name {
+            return Err(Error::config(field, "is the base model's name"));
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = lora::AdapterOp::Load {
+            name: name.clone(),
+            path: path.clone(),
+            reply,
+        };
+        let stopped = || Error::config(&field, "the model thread stopped");
+        shared.jobs.send(Msg::Adapter(op)).map_err(|_| stopped())?;
+        rx.blocking_recv()
+            .map_err(|_| stopped())?
+            .map_err(|e| Error::config(&field, e.message))?;
+        shared
+            .adapters_write()
+            .insert(name.clone(), path.display().to_string());
+    }
+    Ok(())
 }
 
 /// A running server. Dropping it shuts it down gracefully.

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// `lora_name` as the model; `POST /v1/unload_lora_adapter` with `{"lora_name"}`.
     #[arg(long)]
     pub enable_lora: bool,
+    /// LoRA adapters to serve from the start, as NAME=PATH (a PEFT folder); repeat for several.
+    /// Requests ask for NAME as the model. Needs no --enable-lora.
+    #[arg(long = "lora-modules", value_name = "NAME=PATH", num_args = 1..)]
+    pub lora_modules: Vec<String>,
 }
 
 /// Loads the model and serves until the process is stopped.
@@ -75,6 +79,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         threads: a.threads,
         template_kwargs,
         enable_lora: a.enable_lora,
+        lora_modules: a
+            .lora_modules
+            .iter()
+            .map(|m| {
+                m.split_once('=')
+                    .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
+                    .with_context(|| format!("--lora-modules {m}: expected NAME=PATH"))
+            })
+            .collect::<anyhow::Result<_>>()?,
         ..ServeConfig::default()
     };
     let server = Server::load(&a.model, opts, config)?;

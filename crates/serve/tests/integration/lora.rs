@@ -171,3 +171,32 @@ fn without_enable_lora_the_endpoints_refuse() {
     );
     server.shutdown();
 }
+
+#[test]
+fn lora_modules_are_served_from_the_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = tmp.path().join("a");
+    write_adapter(&a, 1);
+    let a_want = local_texts(Some(&a));
+    let server = start_server(ServeConfig {
+        lora_modules: [("a".to_string(), a.clone())].into(),
+        ..Default::default()
+    });
+    assert_eq!(served_texts(&server, "a"), a_want);
+    // The run-time endpoints stay closed without enable_lora.
+    let (status, _) = post_to(&server, "unload_lora_adapter", &json!({"lora_name": "a"}));
+    assert_eq!(status, 404);
+    server.shutdown();
+
+    let (model, tok) = load_model();
+    let config = ServeConfig {
+        port: 0,
+        lora_modules: [("b".to_string(), tmp.path().join("missing"))].into(),
+        ..Default::default()
+    };
+    let err = optimsyn_serve::Server::new(model, tok, MODEL, config)
+        .start()
+        .expect_err("a missing adapter folder")
+        .to_string();
+    assert!(err.starts_with("lora_modules.b: No adapter found"), "{err}");
+}
