@@ -307,4 +307,12 @@ mod tests {
         assert_eq!(b["top_k"], 5);
         assert_eq!(g.url(), "http://127.0.0.1:8000/v1/chat/completions");
     }
+
+    proptest::proptest! {
+        /// Whatever a server sends back, a chat reply parses or says what is wrong; no panic.
+        #[test]
+        fn any_chat_reply_parses_or_errs(text in ".{0,200}") {
+            let _ = parse_completion(&text);
+        }
+    }
 }

@@ -198,4 +198,26 @@ mod tests {
         assert!(parse_rows(&short, 1).unwrap_err().contains("0 log-probs"));
         assert!(parse_rows("<html>", 1).unwrap_err().contains("not JSON"));
     }
+
+    proptest::proptest! {
+        /// Whatever a server sends back, parsing gives rows or an error, never a panic.
+        #[test]
+        fn any_reply_parses_or_errs(text in ".{0,200}", n in 0usize..4) {
+            let _ = parse_rows(&text, n);
+        }
+
+        /// Replies of the right shape with arbitrary tokens and numbers.
+        #[test]
+        fn shaped_replies_parse_or_err(
+            tokens in proptest::collection::vec(".{0,12}", 0..6),
+            lps in proptest::collection::vec(proptest::num::f64::ANY, 0..6),
+            n in 0usize..3,
+        ) {
+            let choice = json!({"index": 0, "text": "", "finish_reason": "stop",
+                                "logprobs": {"tokens": tokens, "token_logprobs": lps}});
+            let reply = json!({"id": "x", "object": "text_completion", "created": 0,
+                               "model": "m", "choices": [choice]});
+            let _ = parse_rows(&reply.to_string(), n);
+        }
+    }
 }
