@@ -66,7 +66,7 @@ pub use device::{DeviceName, Dtype, build_line, load_options, parse_device, pars
 pub use error::{Error, Result};
 pub use models::{Models, encode_prompts, load_models, load_policy};
 pub use progress::{Progress, Quiet};
-pub use report::{RubricStats, read_kl, run_report, write_report};
+pub use report::{RubricStats, SubtaskTrend, read_kl, run_report, subtask_trend, write_report};
 pub use reward::{
     ConfiguredReward, InfluenceReward, RewardRow, RewardRule, ScoredStep, reward_influence,
     rewards, subtask_means,

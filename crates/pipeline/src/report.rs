@@ -154,19 +154,25 @@ pub fn run_report(warm: &WarmupDiagnostics, rows: &[RewardRow], kl: &[(u64, f64)
     md
 }
 
-/// Which validation subtasks the policy's data serves, first steps against last: the mean raw
-/// influence of the valid rollouts per subtask, with the subtasks whose share fell named.
-fn subtask_section(rows: &[RewardRow]) -> String {
-    use std::fmt::Write as _;
+/// Each validation subtask's mean raw influence over a run's first and last steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubtaskTrend {
+    /// Steps averaged at each end (up to 3).
+    pub window: usize,
+    /// `(subtask, first steps, last steps)`.
+    pub subtasks: Vec<(String, f64, f64)>,
+    /// The subtasks whose influence fell by more than 5 % of the subtasks' typical score at the
+    /// start: the policy's data serves them less than it did.
+    pub served_less: Vec<String>,
+}
+
+/// The [`SubtaskTrend`] of a run's reward rows; `None` with fewer than two steps or subtasks, or
+/// rows from before `subtask_if` was recorded.
+pub fn subtask_trend(rows: &[RewardRow]) -> Option<SubtaskTrend> {
     let rows: Vec<&RewardRow> = rows.iter().filter(|r| !r.subtask_if.is_empty()).collect();
-    let Some(names) = rows
-        .first()
-        .map(|r| r.subtask_if.keys().collect::<Vec<_>>())
-    else {
-        return String::new();
-    };
+    let names: Vec<&String> = rows.first()?.subtask_if.keys().collect();
     if rows.len() < 2 || names.len() < 2 {
-        return String::new();
+        return None;
     }
     let k = (rows.len() / 2).min(3);
     let mean_of = |window: &[&RewardRow], name: &str| {
@@ -177,31 +183,47 @@ fn subtask_section(rows: &[RewardRow]) -> String {
         xs.iter().sum::<f64>() / xs.len().max(1) as f64
     };
     let (first, last) = (&rows[..k], &rows[rows.len() - k..]);
-    let pairs: Vec<(&String, f64, f64)> = names
+    let subtasks: Vec<(String, f64, f64)> = names
         .iter()
-        .map(|n| (*n, mean_of(first, n), mean_of(last, n)))
+        .map(|n| ((*n).clone(), mean_of(first, n), mean_of(last, n)))
         .collect();
     // A fall counts when it exceeds 5 % of the subtasks' typical score at the start: smaller
     // moves are within a step's sampling noise on the runs measured (docs/GUIDE.md).
-    let scale = pairs.iter().map(|p| p.1.abs()).sum::<f64>() / pairs.len() as f64;
+    let scale = subtasks.iter().map(|p| p.1.abs()).sum::<f64>() / subtasks.len() as f64;
+    let served_less = subtasks
+        .iter()
+        .filter(|(_, a, b)| b - a < -0.05 * scale)
+        .map(|(n, _, _)| n.clone())
+        .collect();
+    Some(SubtaskTrend {
+        window: k,
+        subtasks,
+        served_less,
+    })
+}
+
+/// Which validation subtasks the policy's data serves, first steps against last (see
+/// [`subtask_trend`]).
+fn subtask_section(rows: &[RewardRow]) -> String {
+    use std::fmt::Write as _;
+    let Some(t) = subtask_trend(rows) else {
+        return String::new();
+    };
+    let k = t.window;
     let mut md = format!(
         "\n## Influence per validation subtask\n\nMean raw influence of the valid rollouts on each \
          subtask, the first {k} steps against the last {k}: which subtasks the policy's data \
          serves.\n\n| subtask | first | last | change |\n|---|---|---|---|\n"
     );
-    let mut falling = Vec::new();
-    for (name, a, b) in &pairs {
+    for (name, a, b) in &t.subtasks {
         let _ = writeln!(md, "| {name} | {a:.4} | {b:.4} | {:+.4} |", b - a);
-        if b - a < -0.05 * scale {
-            falling.push(name.as_str());
-        }
     }
-    if !falling.is_empty() {
+    if !t.served_less.is_empty() {
         let _ = writeln!(
             md,
             "\nServed less at the end than at the start: {}. docs/GUIDE.md (\"Max or mean\") says \
              when this is what the aggregation asks for and what to change when it is not.",
-            falling.join(", ")
+            t.served_less.join(", ")
         );
     }
     md
@@ -278,6 +300,8 @@ mod tests {
             md.contains("Served less at the end than at the start: b."),
             "{md}"
         );
+        let t = subtask_trend(&rows).expect("a trend");
+        assert_eq!((t.window, t.served_less), (3, vec!["b".to_string()]));
         // Nothing to compare: one step, one subtask, or runs from before it was recorded.
         assert_eq!(subtask_section(&rows[..1]), "");
         assert_eq!(

@@ -470,6 +470,9 @@ fn verdicts(
                 let _ = write!(line, "; below 15 %: {}", low.join(", "));
             }
         }
+        if let Some(t) = pipeline::subtask_trend(&r.rows).filter(|t| !t.served_less.is_empty()) {
+            let _ = write!(line, "; subtasks served less: {}", t.served_less.join(", "));
+        }
         md.push_str(&line);
         md.push('\n');
     }
