@@ -59,21 +59,8 @@ fn get(server: &ServerHandle, path: &str) -> Value {
     serde_json::from_str(payload).expect("JSON")
 }
 
-#[test]
-fn train_samples_its_rollouts_on_a_served_policy() {
-    let policy_dir = demo().join("models/policy");
-    let config = ServeConfig {
-        port: 0,
-        enable_lora: true,
-        served_model_name: Some("policy".into()),
-        ..Default::default()
-    };
-    let server = Server::load(&policy_dir, LoadOptions::default(), config)
-        .expect("load")
-        .start()
-        .expect("serve");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let out = tmp.path().join("run");
+/// `optimsyn train` on the demo for 2 short GRPO steps, its rollouts sampled on `server`.
+fn train_against(server: &ServerHandle, out: &Path) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_optimsyn"));
     c.arg("train").arg("--config").arg(demo().join("demo.toml"));
     for s in [
@@ -98,6 +85,24 @@ fn train_samples_its_rollouts_on_a_served_policy() {
         .expect("run optimsyn");
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "train failed: {log}");
+}
+
+#[test]
+fn train_samples_its_rollouts_on_a_served_policy() {
+    let policy_dir = demo().join("models/policy");
+    let config = ServeConfig {
+        port: 0,
+        enable_lora: true,
+        served_model_name: Some("policy".into()),
+        ..Default::default()
+    };
+    let server = Server::load(&policy_dir, LoadOptions::default(), config)
+        .expect("load")
+        .start()
+        .expect("serve");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("run");
+    train_against(&server, &out);
 
     // The trainer's log-probs are the server's: with the sampler's as the old ones, the
     // importance ratio of the one update per step is 1 up to decoding's rounding.
@@ -160,5 +165,16 @@ fn train_samples_its_rollouts_on_a_served_policy() {
     let n = tokens.len();
     assert!(n > 0, "{got}");
     assert_eq!(tokens, want[0].tokens[..n], "{got}");
+
+    // Served rollouts repeat themselves: a second run on the same server samples the same rows.
+    let again = tmp.path().join("again");
+    train_against(&server, &again);
+    for step in ["step-000001.jsonl", "step-000002.jsonl"] {
+        let (a, b) = (
+            out.join("rl/samples").join(step),
+            again.join("rl/samples").join(step),
+        );
+        assert_eq!(rows(&a), rows(&b), "{step}");
+    }
     server.shutdown();
 }
