@@ -140,7 +140,11 @@ impl<P: Policy> ServedPolicy<P> {
         self.inner.save(&dir).map_err(ServedError::Policy)?;
         s.sampler.load_adapter(&name, &dir)?;
         if let Some((old, old_dir)) = s.current.replace((name.clone(), dir)) {
-            s.sampler.unload_adapter(&old)?;
+            match s.sampler.unload_adapter(&old) {
+                // Already gone (a restarted server): nothing to unload.
+                Err(optimsyn_synth::Error::Status { status: 404, .. }) | Ok(()) => {}
+                Err(e) => return Err(e.into()),
+            }
             // The server has let go of it; a folder left behind costs only disk.
             let _ = std::fs::remove_dir_all(old_dir);
         }
