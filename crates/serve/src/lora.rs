@@ -186,9 +186,13 @@ pub(crate) async fn load(State(sh): State<Arc<Shared>>, req: Request) -> Respons
             path: PathBuf::from(&req.lora_path),
             reply,
         };
-        send(&sh, op, rx).await?;
-        sh.adapters_write()
-            .insert(req.lora_name.clone(), req.lora_path.clone());
+        let (name, path) = (req.lora_name.clone(), req.lora_path.clone());
+        to_completion(&sh, move |sh| async move {
+            send(&sh, op, rx).await?;
+            sh.adapters_write().insert(name, path);
+            Ok(())
+        })
+        .await?;
         tracing::info!(name = %req.lora_name, path = %req.lora_path, "loaded LoRA adapter");
         Ok(format!(
             "Success: LoRA adapter '{}' added successfully.",
@@ -213,14 +217,18 @@ pub(crate) async fn unload(State(sh): State<Arc<Shared>>, req: Request) -> Respo
         if !sh.adapter_names().contains(&req.lora_name) {
             return Err(not_found(&req.lora_name));
         }
-        // Taken out of the served names first: no new request gets queued for it.
-        sh.adapters_write().remove(&req.lora_name);
         let (reply, rx) = oneshot::channel();
         let op = AdapterOp::Unload {
             name: req.lora_name.clone(),
             reply,
         };
-        send(&sh, op, rx).await?;
+        let name = req.lora_name.clone();
+        to_completion(&sh, move |sh| async move {
+            // Taken out of the served names first: no new request gets queued for it.
+            sh.adapters_write().remove(&name);
+            send(&sh, op, rx).await
+        })
+        .await?;
         tracing::info!(name = %req.lora_name, "unloaded LoRA adapter");
         Ok(format!(
             "Success: LoRA adapter '{}' removed successfully.",
@@ -228,6 +236,18 @@ pub(crate) async fn unload(State(sh): State<Arc<Shared>>, req: Request) -> Respo
         ))
     };
     text_reply(run.await)
+}
+
+/// Runs a change of the served adapters to its end even if the client hangs up (hyper then drops
+/// the handler), so the names requests may ask for and the model thread's adapters stay in step.
+async fn to_completion<F, Fut>(sh: &Arc<Shared>, change: F) -> Result<(), ApiError>
+where
+    F: FnOnce(Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    tokio::spawn(change(sh.clone()))
+        .await
+        .map_err(|e| ApiError::status(500, format!("internal error: {e}")))?
 }
 
 fn enabled(sh: &Shared) -> Result<(), ApiError> {
