@@ -195,7 +195,7 @@ struct Plan {
     logprobs: bool,
 }
 
-fn unsupported(param: &str, what: &str) -> ApiError {
+pub(crate) fn unsupported(param: &str, what: &str) -> ApiError {
     ApiError::invalid(
         format!("{what} is not supported by this server"),
         Some(param),
@@ -311,19 +311,29 @@ pub(crate) fn sampling_of(
     Ok((n as u32, sampling.normalized()))
 }
 
-/// Fields this server does not implement: a 400 unless they are at their neutral value.
-fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
+/// Penalties and biases, which this server does not apply: a 400 unless neutral.
+pub(crate) fn refuse_penalties(
+    frequency: Option<f64>,
+    presence: Option<f64>,
+    logit_bias: &Option<serde_json::Map<String, Value>>,
+) -> Result<(), ApiError> {
     for (name, v) in [
-        ("frequency_penalty", req.frequency_penalty),
-        ("presence_penalty", req.presence_penalty),
+        ("frequency_penalty", frequency),
+        ("presence_penalty", presence),
     ] {
         if v.is_some_and(|v| v != 0.0) {
             return Err(unsupported(name, name));
         }
     }
-    if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+    if logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         return Err(unsupported("logit_bias", "logit_bias"));
     }
+    Ok(())
+}
+
+/// Fields this server does not implement: a 400 unless they are at their neutral value.
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
+    refuse_penalties(req.frequency_penalty, req.presence_penalty, &req.logit_bias)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tool calling"));
     }

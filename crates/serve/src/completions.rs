@@ -18,7 +18,10 @@ use tokio::sync::oneshot;
 
 use crate::Shared;
 use crate::api::{ApiError, json_response};
-use crate::chat::{admit, blocking, new_tokens, resolve_model, sampling_of, seed_of, stop_strings};
+use crate::chat::{
+    admit, blocking, new_tokens, refuse_penalties, resolve_model, sampling_of, seed_of,
+    stop_strings, unsupported,
+};
 use crate::engine::{Decoded, Job, Msg, Sampling, decode_row};
 
 /// OpenAI's default budget for this API.
@@ -127,13 +130,6 @@ fn plan(sh: &Shared, req: &CompletionRequest) -> Result<Plan, ApiError> {
     })
 }
 
-fn unsupported(param: &str, what: &str) -> ApiError {
-    ApiError::invalid(
-        format!("{what} is not supported by this server"),
-        Some(param),
-    )
-}
-
 /// Fields this server does not implement: a 400 unless they are at their neutral value.
 fn refuse_unsupported(req: &CompletionRequest) -> Result<(), ApiError> {
     if req.stream.unwrap_or(false) {
@@ -148,18 +144,7 @@ fn refuse_unsupported(req: &CompletionRequest) -> Result<(), ApiError> {
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(unsupported("suffix", "suffix"));
     }
-    for (name, v) in [
-        ("frequency_penalty", req.frequency_penalty),
-        ("presence_penalty", req.presence_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(unsupported(name, name));
-        }
-    }
-    if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(unsupported("logit_bias", "logit_bias"));
-    }
-    Ok(())
+    refuse_penalties(req.frequency_penalty, req.presence_penalty, &req.logit_bias)
 }
 
 /// Each prompt's token ids: text is tokenized as it is; ids must be in the vocabulary.
