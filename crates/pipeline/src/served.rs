@@ -120,15 +120,12 @@ impl<P> ServedPolicy<P> {
     }
 }
 
-impl<P: Policy> ServedPolicy<P> {
-    /// Saves the current adapter and makes it the one the server samples from.
-    fn publish(&mut self) -> Result<String, ServedError<P::Error>> {
-        let Some(s) = self.served.as_mut() else {
-            unreachable!("publish is only called for served rollouts")
-        };
-        s.published += 1;
-        let name = format!("{}-{}", s.run, s.published);
-        let dir = s.publish_dir.join(&name);
+impl Served {
+    /// Saves `policy`'s current adapter and makes it the one the server samples from.
+    fn publish<P: Policy>(&mut self, policy: &P) -> Result<String, ServedError<P::Error>> {
+        self.published += 1;
+        let name = format!("{}-{}", self.run, self.published);
+        let dir = self.publish_dir.join(&name);
         let io = |source| ServedError::Io {
             path: dir.clone(),
             source,
@@ -137,10 +134,10 @@ impl<P: Policy> ServedPolicy<P> {
             std::fs::remove_dir_all(&dir).map_err(io)?;
         }
         std::fs::create_dir_all(&dir).map_err(io)?;
-        self.inner.save(&dir).map_err(ServedError::Policy)?;
-        s.sampler.load_adapter(&name, &dir)?;
-        if let Some((old, old_dir)) = s.current.replace((name.clone(), dir)) {
-            match s.sampler.unload_adapter(&old) {
+        policy.save(&dir).map_err(ServedError::Policy)?;
+        self.sampler.load_adapter(&name, &dir)?;
+        if let Some((old, old_dir)) = self.current.replace((name.clone(), dir)) {
+            match self.sampler.unload_adapter(&old) {
                 // Already gone (a restarted server): nothing to unload.
                 Err(optimsyn_synth::Error::Status { status: 404, .. }) | Ok(()) => {}
                 Err(e) => return Err(e.into()),
@@ -150,9 +147,7 @@ impl<P: Policy> ServedPolicy<P> {
         }
         Ok(name)
     }
-}
 
-impl Served {
     /// Every prompt's group, sampled from adapter `model` by `concurrency` workers.
     fn sample<E: std::error::Error + 'static>(
         &self,
@@ -247,13 +242,10 @@ impl<P: Policy> Policy for ServedPolicy<P> {
     }
 
     fn sample(&mut self, request: &SampleRequest<'_>) -> Result<Vec<Completion>, Self::Error> {
-        if self.served.is_none() {
+        let Some(s) = self.served.as_mut() else {
             return self.inner.sample(request).map_err(ServedError::Policy);
-        }
-        let name = self.publish()?;
-        let Some(s) = self.served.as_ref() else {
-            unreachable!("checked above")
         };
+        let name = s.publish(&self.inner)?;
         tracing::debug!(adapter = %name, base = %s.base_model, "served rollouts");
         s.sample(&name, request)
     }
