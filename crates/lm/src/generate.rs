@@ -5,9 +5,10 @@
 
 use tch::{Kind, Tensor};
 
+use crate::choose;
 use crate::error::{Error, Result, TorchContext};
-use crate::model::{CausalLm, log_softmax_at, logprobs_of};
-use crate::sampling::{RowRng, SamplingParams, argmax, sample};
+use crate::model::CausalLm;
+use crate::sampling::SamplingParams;
 
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,6 +140,18 @@ impl CausalLm {
         keys: &[u64],
         params: &SamplingParams,
     ) -> Result<Vec<Generation>> {
+        let host_sampling = self.device() == tch::Device::Cpu;
+        self.generate_rows(prompts, keys, params, host_sampling)
+    }
+
+    /// [`CausalLm::generate`], sampling with the host rule or with tensor ops (see `choose`).
+    fn generate_rows(
+        &self,
+        prompts: &[&[u32]],
+        keys: &[u64],
+        params: &SamplingParams,
+        host_sampling: bool,
+    ) -> Result<Vec<Generation>> {
         let _guard = tch::no_grad_guard();
         params.validate()?;
         if prompts.is_empty() {
@@ -169,8 +182,6 @@ impl CausalLm {
         if steps == 0 {
             return Ok(out);
         }
-        let mut rngs: Vec<RowRng> = keys.iter().map(|&k| RowRng::new(params.seed, k)).collect();
-        let mut done = vec![false; b];
         let batch = PaddedBatch::new(prompts, true, self.device())?;
         let width = batch.input_ids.size()[1] as usize;
         let mut cache = self.new_cache(b, width + steps)?;
@@ -180,16 +191,17 @@ impl CausalLm {
             Some(&mut cache),
         )?;
         let mut last = h.f_select(1, width as i64 - 1).op("last hidden state")?;
-        let vocab = self.config().vocab_size;
+        let mut rows = RowsOnDevice::new(params, keys, &budgets, self.device(), host_sampling)?;
+        let mut done = vec![false; b];
         for step in 0..steps {
             let logits = self.logits(&last)?; // [B, V]
-            let chosen = choose_tokens(&logits, params, &done, &mut rngs, &mut out, vocab)?;
-            for i in 0..b {
+            let (tok, lp) = rows.choose(&logits, params, step)?;
+            for (i, (t, lp)) in read_back(&tok, &lp)?.into_iter().enumerate() {
                 if done[i] {
                     continue;
                 }
-                let t = chosen[i] as u32;
                 out[i].tokens.push(t);
+                out[i].logprobs.push(lp);
                 if params.stop_tokens.contains(&t) {
                     out[i].finish_reason = FinishReason::Stop;
                     done[i] = true;
@@ -200,8 +212,10 @@ impl CausalLm {
             if done.iter().all(|d| *d) || step + 1 == steps {
                 break;
             }
-            let (next, mask) = decode_inputs(&chosen, &done, self.device())?;
-            let h = self.forward_hidden(&next, mask.as_ref(), Some(&mut cache))?;
+            // Fed from the device's own copy, so no token crosses back to it: finished rows as
+            // padding, so they neither advance nor attend to anything useful.
+            let (next, mask) = rows.advance(&tok, step, done.iter().any(|d| *d))?;
+            let h = self.decode_hidden(&next, mask.as_ref(), &mut cache)?;
             last = h.f_select(1, 0).op("last hidden state")?;
         }
         Ok(out)
@@ -226,64 +240,109 @@ impl CausalLm {
     }
 }
 
-/// The next token of every unfinished row (greedy, or sampled from its own stream), with its
-/// log-prob appended to the row's output; finished rows get token 0.
-fn choose_tokens(
-    logits: &Tensor,
-    params: &SamplingParams,
-    done: &[bool],
-    rngs: &mut [RowRng],
-    out: &mut [Generation],
-    vocab: usize,
-) -> Result<Vec<i64>> {
-    let b = done.len();
-    let mut chosen = vec![0i64; b];
-    if params.is_greedy() {
-        let tok = logits.f_argmax(-1, false).op("greedy choice")?;
-        let lp = to_vec_f32(&logprobs_of(logits, &tok, 0.0)?)?;
-        let tok = Vec::<i64>::try_from(&tok).op("greedy choice")?;
-        for i in (0..b).filter(|&i| !done[i]) {
-            chosen[i] = tok[i];
-            out[i].logprobs.push(lp[i]);
-        }
-    } else {
-        let lp = to_vec_f32(&log_softmax_at(logits, params.temperature)?)?;
-        for i in (0..b).filter(|&i| !done[i]) {
-            let row = &lp[i * vocab..(i + 1) * vocab];
-            let t = if params.top_k == 1 {
-                argmax(row)
-            } else {
-                sample(row, params.top_k, params.top_p, &mut rngs[i])
-            };
-            chosen[i] = t as i64;
-            out[i].logprobs.push(row[t]);
-        }
-    }
-    Ok(chosen)
+/// What a generation call keeps on the model's device, so that a decode step reads back only its
+/// chosen tokens: the uniform draws, the stop tokens, each row's budget and which rows are done
+/// (the same rule as the host's bookkeeping in [`CausalLm::generate`]).
+struct RowsOnDevice {
+    host_sampling: bool,
+    uniforms: Option<Tensor>,
+    stop: Option<Tensor>,
+    budgets: Tensor,
+    done: Tensor,
 }
 
-/// The next decode step's input `[B, 1]` and, once a row has finished, its mask: finished rows
-/// are fed as padding, so they neither advance nor attend to anything useful.
-fn decode_inputs(
-    chosen: &[i64],
-    done: &[bool],
-    device: tch::Device,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let b = chosen.len() as i64;
-    let next = Tensor::f_from_slice(chosen)
-        .and_then(|t| t.f_view([b, 1])?.f_to_device(device))
-        .op("next tokens")?;
-    let mask = if done.iter().any(|d| *d) {
-        let m: Vec<i64> = done.iter().map(|d| i64::from(!*d)).collect();
-        Some(
-            Tensor::f_from_slice(&m)
-                .and_then(|t| t.f_view([b, 1])?.f_to_device(device))
-                .op("decode mask")?,
-        )
-    } else {
-        None
-    };
-    Ok((next, mask))
+impl RowsOnDevice {
+    fn new(
+        params: &SamplingParams,
+        keys: &[u64],
+        budgets: &[usize],
+        device: tch::Device,
+        host_sampling: bool,
+    ) -> Result<Self> {
+        let ids = |v: Vec<i64>| {
+            Tensor::f_from_slice(&v)
+                .and_then(|t| t.f_to_device(device))
+                .op("generation state")
+        };
+        let stop = match params.stop_tokens.as_slice() {
+            [] => None,
+            s => Some(ids(s.iter().map(|&t| i64::from(t)).collect())?),
+        };
+        let budgets_dev = ids(budgets.iter().map(|&n| n as i64).collect())?;
+        Ok(RowsOnDevice {
+            host_sampling,
+            uniforms: choose::row_uniforms(params, keys, budgets, device)?,
+            stop,
+            done: budgets_dev
+                .f_zeros_like()
+                .and_then(|t| t.f_to_kind(Kind::Bool))
+                .op("generation state")?,
+            budgets: budgets_dev,
+        })
+    }
+
+    /// Step `step`'s tokens `[B]` and their log-probs `[B]`.
+    fn choose(
+        &self,
+        logits: &Tensor,
+        params: &SamplingParams,
+        step: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let u = match &self.uniforms {
+            Some(u) => Some(u.f_select(1, step as i64).op("uniform draws")?),
+            None => None,
+        };
+        choose::choose(logits, params, u.as_ref(), self.host_sampling)
+    }
+
+    /// Marks the rows that `tok` finished and returns the next decode input `[B, 1]` and, once
+    /// `any_done`, its mask `[B, 1]` (false for finished rows, whose input is token 0).
+    fn advance(
+        &mut self,
+        tok: &Tensor,
+        step: usize,
+        any_done: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut f = || -> std::result::Result<(Tensor, Option<Tensor>), tch::TchError> {
+            let mut done = self
+                .done
+                .f_logical_or(&self.budgets.f_le(step as i64 + 1)?)?;
+            if let Some(stop) = &self.stop {
+                done = done.f_logical_or(&Tensor::f_isin(tok, stop, false, false)?)?;
+            }
+            let next = tok.f_masked_fill(&done, 0)?.f_view([-1, 1])?;
+            let mask = if any_done {
+                Some(done.f_logical_not()?.f_view([-1, 1])?)
+            } else {
+                None
+            };
+            self.done = done;
+            Ok((next, mask))
+        };
+        f().op("next tokens")
+    }
+}
+
+/// The chosen tokens and their log-probs, read back in one transfer.
+fn read_back(tok: &Tensor, lp: &Tensor) -> Result<Vec<(u32, f32)>> {
+    let both = Tensor::f_stack(
+        &[
+            tok.f_to_kind(Kind::Double).op("reading back")?,
+            lp.f_to_kind(Kind::Double).op("reading back")?,
+        ],
+        0,
+    )
+    .op("reading back")?;
+    let v = Vec::<f64>::try_from(
+        &both
+            .f_to_device(tch::Device::Cpu)
+            .op("reading back")?
+            .f_view([-1])
+            .op("reading back")?,
+    )
+    .op("reading back")?;
+    let b = v.len() / 2;
+    Ok((0..b).map(|i| (v[i] as u32, v[b + i] as f32)).collect())
 }
 
 /// Copies a tensor to a flat `Vec<f32>` on the CPU.
@@ -297,4 +356,49 @@ pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
         })
         .op("reading back")?;
     Vec::<f32>::try_from(&flat).op("reading back")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LoadOptions;
+
+    fn fixture(name: &str) -> CausalLm {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        CausalLm::load(dir.join(name), LoadOptions::default()).expect("fixture model")
+    }
+
+    /// The tensor rule (what a GPU runs) gives the CPU's host-rule generations: tokens, log-probs,
+    /// finish reasons, with rows of other lengths finishing at other steps.
+    #[test]
+    fn tensor_sampling_generates_what_host_sampling_does() {
+        let model = fixture("qwen3_kv1_sharded");
+        let prompts: Vec<Vec<u32>> = (0..5u32)
+            .map(|i| (0..1 + 2 * i).map(|j| 3 + (i * 11 + j * 7) % 60).collect())
+            .collect();
+        let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let keys: Vec<u64> = (0..5).map(|i| crate::row_key(&format!("r{i}"))).collect();
+        let mut stopped = 0;
+        for (top_k, top_p) in [(0, 1.0), (0, 0.8), (7, 1.0), (7, 0.5), (1, 1.0)] {
+            for seed in 0..4 {
+                let params = SamplingParams {
+                    max_new_tokens: 12,
+                    temperature: 1.4,
+                    top_k,
+                    top_p,
+                    seed,
+                    stop_tokens: vec![5, 9, 21],
+                };
+                let host = model.generate_rows(&rows, &keys, &params, true).unwrap();
+                let tensor = model.generate_rows(&rows, &keys, &params, false).unwrap();
+                assert_eq!(host, tensor, "top_k {top_k}, top_p {top_p}, seed {seed}");
+                stopped += host
+                    .iter()
+                    .filter(|g| g.finish_reason == FinishReason::Stop)
+                    .count();
+            }
+        }
+        // Rows end at different steps (a stop token) and the others run to the budget.
+        assert!((10..90).contains(&stopped), "{stopped} of 100 rows stopped");
+    }
 }

@@ -41,6 +41,7 @@
 #![deny(missing_docs)]
 
 mod cache;
+mod choose;
 mod error;
 mod generate;
 pub mod lora;
@@ -54,6 +55,7 @@ mod small_gemm;
 mod weights;
 
 pub use cache::KvCache;
+pub use choose::sample_rows;
 pub use error::{Error, Result};
 pub use generate::{FinishReason, Generation, PaddedBatch};
 pub use lora::{Bypassed, DropoutOn, LoraAdapter, LoraConfig, LoraModule, TargetModules};

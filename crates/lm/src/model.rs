@@ -837,16 +837,42 @@ impl CausalLm {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
-        let (b, t) = (ids.size()[0], ids.size()[1]);
         // An all-ones mask is no mask: SDPA can then use its causal kernel.
         let mask = match mask {
             Some(m) if m.f_all().op("attention mask")?.int64_value(&[]) == 0 => Some(m),
             _ => None,
         };
+        self.hidden_states(&ids, mask.as_ref(), cache, true)
+    }
+
+    /// One decode step of [`CausalLm::generate`]: `ids` `[B, 1]` i64 on the device (tokens the
+    /// model chose itself, so inside the vocabulary) and `mask` `[B, 1]` bool with at least one
+    /// `false` (finished rows), or none. The caller keeps every row inside the context, so this
+    /// step reads nothing back from the device: on a GPU the host queues the next kernels while
+    /// the previous ones run.
+    pub(crate) fn decode_hidden(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.hidden_states(ids, mask, Some(cache), false)
+    }
+
+    /// The layers over checked inputs; `check_context` reads the longest row's position back to
+    /// refuse one past the context.
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        check_context: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
         let mut cache = cache;
         let (positions, attn_mask, is_causal) = match cache.as_deref_mut() {
-            None => self.positions_uncached(mask.as_ref(), b, t)?,
-            Some(cache) => self.positions_cached(cache, mask.as_ref(), b, t)?,
+            None => self.positions_uncached(mask, b, t)?,
+            Some(cache) => self.positions_cached(cache, mask, b, t, check_context)?,
         };
         let (cos, sin) = self.rotary.cos_sin(&positions, self.kind)?;
         // Broadcast over heads once per forward, not in every layer.
@@ -856,7 +882,7 @@ impl CausalLm {
             cos: cos.f_unsqueeze(1).op("RoPE")?,
             signed_sin: signed_sin(&sin)?.f_unsqueeze(1).op("RoPE")?,
         };
-        let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)
+        let mut x = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)
             .op("model.embed_tokens")?;
         match cache {
             None => {
@@ -905,6 +931,7 @@ impl CausalLm {
         mask: Option<&Tensor>,
         b: i64,
         t: i64,
+        check_context: bool,
     ) -> Result<AttnInputs> {
         let dev = self.device;
         if cache.batch != b {
@@ -927,7 +954,9 @@ impl CausalLm {
                     .op("positions")?,
             )
             .op("positions")?;
-        self.check_context(next_pos.f_max().op("positions")?.int64_value(&[]))?;
+        if check_context {
+            self.check_context(next_pos.f_max().op("positions")?.int64_value(&[]))?;
+        }
         cache.reserve(t)?;
         let len = cache.len;
         let pos = positions_from_mask(&new_mask, Some(&cache.next_pos)).op("positions")?;

@@ -119,7 +119,11 @@ pub fn argmax(values: &[f32]) -> usize {
 /// Samples a token from a row of `log_softmax(logits / T)` values (full vocabulary) after top-k and
 /// top-p truncation, drawing one uniform number from `rng`.
 pub fn sample(logprobs: &[f32], top_k: usize, top_p: f64, rng: &mut RowRng) -> usize {
-    let u = rng.uniform();
+    sample_at(logprobs, top_k, top_p, rng.uniform())
+}
+
+/// [`sample`] with its uniform draw `u` in `[0, 1)` given.
+pub(crate) fn sample_at(logprobs: &[f32], top_k: usize, top_p: f64, u: f64) -> usize {
     let n = logprobs.len();
     if n == 0 {
         return 0;
