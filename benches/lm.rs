@@ -5,6 +5,12 @@
 //! - `lm/forward_logprobs/8x256`: `sequence_logprobs` of 8 rows of 256 tokens (no grad).
 //! - `lm/generate_greedy/b1`, `b8`: greedy `generate`, prompts of 32 random ids in `[3, vocab)`,
 //!   128 new tokens, no stop tokens (so exactly 128 per row).
+//! - `lm/sample_host/32x151936`, `lm/sample_rows/32x151936`: one decode step's token choice
+//!   (plain sampling) for 32 rows at Qwen's vocabulary size, from log-probs already computed: on
+//!   the host (the `[B, V]` values copied out and each row walked, as generation does on the CPU)
+//!   and with `sample_rows`' tensor ops (what it does on other devices). On a GPU the second runs
+//!   on the device and only `B` ids come back, so the first is the host time per decode step that
+//!   it saves there.
 //! - `reference/matmul_f32/…`: a plain matmul of the forward's MLP shape (2048×512 · 512×1536)
 //!   and a 2048³ square one; throughput is FLOPs, so criterion's `Gelem/s` reads as GFLOP/s.
 //! - `reference/matvec_f32/…`: matrix-vector products over 128 MiB of weights (one matrix, and
@@ -23,10 +29,11 @@
 //!   everything works without Python or the bench model.
 //! - `OPTIMSYN_BENCH_JSON=1` (run the built binary directly, or through `cargo bench`): no
 //!   criterion; prints one JSON object with best-of-N figures and peak memory, for
-//!   `python/bench/lm_compare.py`. `WHICH=forward,generate,matmul,matvec` selects parts (default:
-//!   all; `prepare` only writes the bench model and prints its folder, `load` only loads it, for a
+//!   `python/bench/lm_compare.py`. `WHICH=forward,generate,matmul,matvec,sample` selects parts (default:
+//!   all but `sample`; `prepare` only writes the bench model and prints its folder, `load` only loads it, for a
 //!   memory baseline), `BATCHES=1,8` the generation batch sizes, `NEW_TOKENS=N` their length
-//!   (default 128), `REPS=N` the repetitions
+//!   (default 128), `TEMPERATURE=T` samples at T instead of decoding greedily, `REPS=N` the
+//!   repetitions
 //!   (default: 3 for the forward, 2 for generation, as `python_baselines.py` does).
 
 use std::cell::OnceCell;
@@ -37,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use optimsyn_examples::bench::{matmul_operands, proc_status_mib, round, threads};
-use optimsyn_lm::{CausalLm, LoadOptions, SamplingParams, row_key};
+use optimsyn_lm::{CausalLm, LoadOptions, RowRng, SamplingParams, row_key, sample, sample_rows};
 use tch::{Device, Kind, Tensor};
 
 /// Workload sizes: the in benchmark mode, small ones in criterion's test mode.
@@ -53,6 +60,8 @@ struct Shapes {
     square: i64,
     /// `[rows, cols]` of the plain matrix-vector probe.
     matvec: (i64, i64),
+    /// `[rows, vocab]` of the token-choice benchmark.
+    sample: (i64, i64),
     /// The bench model (written by Python on first use), or the tiny committed test model.
     bench_model: bool,
 }
@@ -65,6 +74,7 @@ const FULL: Shapes = Shapes {
     matmul: (2048, 512, 1536),
     square: 2048,
     matvec: (8192, 4096),
+    sample: (32, 151_936),
     bench_model: true,
 };
 
@@ -76,6 +86,7 @@ const SMOKE: Shapes = Shapes {
     matmul: (64, 64, 64),
     square: 96,
     matvec: (256, 256),
+    sample: (2, 1000),
     bench_model: false,
 };
 
@@ -146,12 +157,15 @@ fn forward(b: &Bench, rows: &[Vec<u32>]) -> f64 {
     black_box(lp).iter().flatten().map(|&x| f64::from(x)).sum()
 }
 
-/// Generates greedily; returns a hash of every generated token.
-fn generate(b: &Bench, prompts: &[Vec<u32>], new_tokens: usize) -> u64 {
+/// Generates greedily (temperature 0) or samples; returns a hash of every generated token.
+fn generate(b: &Bench, prompts: &[Vec<u32>], new_tokens: usize, temperature: f64) -> u64 {
     let p: Vec<&[u32]> = prompts.iter().map(|r| r.as_slice()).collect();
     let keys: Vec<u64> = (0..p.len()).map(|i| row_key(&format!("row-{i}"))).collect();
     // No stop tokens: every row produces exactly `new_tokens`.
-    let params = SamplingParams::greedy(new_tokens);
+    let params = SamplingParams {
+        temperature,
+        ..SamplingParams::greedy(new_tokens)
+    };
     let out = b.model.generate(&p, &keys, &params).expect("generate");
     assert!(
         out.iter().all(|g| g.tokens.len() == new_tokens),
@@ -162,6 +176,34 @@ fn generate(b: &Bench, prompts: &[Vec<u32>], new_tokens: usize) -> u64 {
         .iter()
         .flat_map(|g| &g.tokens)
         .fold(0xcbf29ce484222325, |h, &t| fnv1a(h, &t.to_le_bytes()))
+}
+
+/// A `[rows, vocab]` row of log-probs (logits of sd 3, a peaked distribution as a trained model's)
+/// and one uniform draw per row.
+fn sample_inputs((rows, vocab): (i64, i64)) -> (Tensor, Tensor) {
+    tch::manual_seed(3);
+    let lp = (Tensor::randn([rows, vocab], (Kind::Float, Device::Cpu)) * 3.0)
+        .log_softmax(-1, Kind::Float);
+    let u: Vec<f64> = (0..rows as u64)
+        .map(|i| RowRng::new(5, i).uniform())
+        .collect();
+    (lp, Tensor::from_slice(&u))
+}
+
+/// One decode step's token choice the way generation does it on the CPU: the `[B, V]` log-probs
+/// copied to a `Vec` and each row walked on the host (`sample`, no truncation).
+fn sample_on_host(lp: &Tensor) -> Vec<usize> {
+    let vocab = lp.size()[1] as usize;
+    let flat = Vec::<f32>::try_from(&lp.contiguous().view([-1])).expect("log-probs");
+    flat.chunks(vocab)
+        .enumerate()
+        .map(|(i, row)| sample(row, 0, 1.0, &mut RowRng::new(5, i as u64)))
+        .collect()
+}
+
+/// The same choice with `sample_rows` (tensor ops on the log-probs' device).
+fn sample_on_device(lp: &Tensor, u: &Tensor) -> Tensor {
+    sample_rows(lp, 0, 1.0, u).expect("sample_rows")
 }
 
 /// Weight matrices as one batch-1 decode step reads them: every 2-D weight of the model (the tied
@@ -226,9 +268,21 @@ fn criterion_benches(c: &mut Criterion, s: Shapes) {
                 let b = bench_model(model, s);
                 let prompts = prompts
                     .get_or_insert_with(|| random_rows(batch, s.prompt_len, b.vocab, batch as i64));
-                bch.iter(|| generate(b, prompts, s.new_tokens))
+                bch.iter(|| generate(b, prompts, s.new_tokens, 0.0))
             });
         }
+        let (rows, vocab) = s.sample;
+        g.throughput(Throughput::Elements(rows as u64));
+        g.measurement_time(Duration::from_secs(5));
+        let mut inputs = None;
+        g.bench_function(format!("sample_host/{rows}x{vocab}"), |bch| {
+            let (lp, _) = inputs.get_or_insert_with(|| sample_inputs(s.sample));
+            bch.iter(|| black_box(sample_on_host(lp)))
+        });
+        g.bench_function(format!("sample_rows/{rows}x{vocab}"), |bch| {
+            let (lp, u) = inputs.get_or_insert_with(|| sample_inputs(s.sample));
+            bch.iter(|| black_box(sample_on_device(lp, u)))
+        });
         g.finish();
     }
     let mut g = c.benchmark_group("reference");
@@ -440,11 +494,16 @@ fn json_mode() -> Result<(), String> {
             .ok()
             .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![1, 8]);
+        let temperature: f64 = env::var("TEMPERATURE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        out.insert("generate_temperature", J::from(temperature));
         for batch in batches {
             let prompts = random_rows(batch, s.prompt_len, b.vocab, batch as i64);
             let mut digest = 0;
             let t = best_of(reps.unwrap_or(2), || {
-                digest = generate(b, &prompts, s.new_tokens)
+                digest = generate(b, &prompts, s.new_tokens, temperature)
             });
             out.insert(
                 format!("generate_b{batch}_tokens_fnv"),
@@ -456,6 +515,22 @@ fn json_mode() -> Result<(), String> {
                 J::from(round((batch * s.new_tokens) as f64 / t, 1)),
             );
         }
+    }
+    if has("sample") {
+        let (lp, u) = sample_inputs(s.sample);
+        let host = sample_on_host(&lp);
+        let device = Vec::<i64>::try_from(&sample_on_device(&lp, &u)).unwrap_or_default();
+        let same = host.iter().zip(&device).all(|(a, &b)| *a as i64 == b);
+        out.insert("sample_shape", J::from([s.sample.0, s.sample.1]));
+        out.insert("sample_same_tokens", J::from(i64::from(same)));
+        let t_host = best_of(reps.unwrap_or(10), || {
+            black_box(sample_on_host(&lp));
+        });
+        let t_rows = best_of(reps.unwrap_or(10), || {
+            let _ = black_box(sample_on_device(&lp, &u));
+        });
+        out.insert("sample_host_ms", J::from(round(t_host * 1e3, 3)));
+        out.insert("sample_rows_ms", J::from(round(t_rows * 1e3, 3)));
     }
     if has("matmul") {
         for (name, (m, k, n)) in [
