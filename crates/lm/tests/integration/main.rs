@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod common;
+mod cuda;
 mod generation;
 mod libtorch;
 mod lora_parity;
