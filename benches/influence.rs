@@ -35,6 +35,13 @@
 //!   one projection block's shape, `[64, 1024] · [1024, 8192]`, and a longer inner dimension,
 //!   `[64, 8192] · [8192, 8192]`.
 //!
+//! On a GPU (JSON mode only): `DEVICE=cuda` (or `cuda:N`) and `DTYPE=bf16` (or `f16`, `f32`, the
+//! default) train the checkpoint and score there (the scores are read back, so the timings include
+//! the device's work); the CPU references (projection slice, matmuls) are left out, and the dense
+//! projection's cost shows in `dense_cand_s` against `sjlt_cand_s`. Without a CUDA device it prints
+//! one line saying so and `{"side":"optimsyn","skipped":…}`, and exits 0. `OPTIMSYN_BENCH_MODEL=DIR`
+//! runs another model folder, e.g. the 0.5B shape of `make_bench_model.py --shape 0.5b`.
+//!
 //! Modes:
 //! - `cargo bench -p optimsyn-examples --bench influence`: criterion, full shapes (the dense
 //!   benchmark alone takes 10+ minutes: criterion runs at least 10 calls).
@@ -55,7 +62,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use optimsyn_data_io::{ChatExample, ChatFormat, read_jsonl};
-use optimsyn_examples::bench::{matmul_operands, proc_status_mib, round, threads};
+use optimsyn_examples::bench::{
+    Placement, matmul_operands, placement, print_skip, proc_status_mib, round, threads,
+};
 use optimsyn_influence::{InfluenceScorer, Projector, ProjectorKind, ScoreConfig, gradients};
 use optimsyn_lm::sft::{self, ScheduleKind, SftConfig};
 use optimsyn_lm::{
@@ -156,6 +165,8 @@ struct Setup {
     lora_params: i64,
     setup_s: f64,
     s: Shapes,
+    /// Where the models run (`DEVICE`, `DTYPE` in JSON mode; the CPU in f32 otherwise).
+    opts: LoadOptions,
 }
 
 fn lora_config(s: Shapes) -> LoraConfig {
@@ -167,7 +178,7 @@ fn lora_config(s: Shapes) -> LoraConfig {
     }
 }
 
-fn setup(s: Shapes) -> Result<Setup, String> {
+fn setup(s: Shapes, opts: LoadOptions) -> Result<Setup, String> {
     let t0 = Instant::now();
     let model_dir = if s.bench_model {
         optimsyn_examples::bench_model_dir()?
@@ -181,7 +192,7 @@ fn setup(s: Shapes) -> Result<Setup, String> {
         (PathBuf::from(w), None)
     } else {
         // What the checkpoint depends on (validation features are keyed inside it).
-        let what = format!(
+        let mut what = format!(
             "{}|r{}|a{}|len{}|warm{}",
             model_dir.display(),
             s.lora_r,
@@ -189,13 +200,17 @@ fn setup(s: Shapes) -> Result<Setup, String> {
             s.cand_len,
             s.warm_rows
         );
+        // Elsewhere than the CPU in f32 the checkpoint is trained there (the CPU's keeps its name).
+        if opts != LoadOptions::default() {
+            what.push_str(&format!("|{:?}|{:?}", opts.device, opts.kind));
+        }
         let key = fnv1a(0xcbf29ce484222325, what.as_bytes());
         (
             env::temp_dir().join(format!("optimsyn-bench-influence-{:08x}", key as u32)),
             None,
         )
     };
-    let mut model = CausalLm::load(&model_dir, LoadOptions::default())
+    let mut model = CausalLm::load(&model_dir, opts)
         .map_err(|e| format!("loading {}: {e}", model_dir.display()))?;
     let vocab = model.config().vocab_size as i64;
     let adapter = LoraAdapter::init(&mut model, lora_config(s), 0).map_err(|e| e.to_string())?;
@@ -244,6 +259,7 @@ fn setup(s: Shapes) -> Result<Setup, String> {
         lora_params,
         setup_s: t0.elapsed().as_secs_f64(),
         s,
+        opts,
     })
 }
 
@@ -283,7 +299,7 @@ impl Setup {
             std::slice::from_ref(&self.checkpoint),
             &self.val,
             cfg,
-            LoadOptions::default(),
+            self.opts,
         )
         .map_err(|e| format!("scorer {kind:?}: {e}"))
     }
@@ -296,7 +312,7 @@ impl Setup {
 }
 
 fn setup_cell(cell: &OnceCell<Setup>, s: Shapes) -> &Setup {
-    cell.get_or_init(|| setup(s).unwrap_or_else(|e| panic!("{e}")))
+    cell.get_or_init(|| setup(s, LoadOptions::default()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// One scoring call; returns the sum of the influences (a digest), checking every candidate got
@@ -454,10 +470,24 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 fn json_mode() -> Result<(), String> {
+    let (opts, device, dtype) = match placement()? {
+        Placement::Run {
+            load,
+            device,
+            dtype,
+        } => (load, device, dtype),
+        Placement::Skip(why) => {
+            print_skip("influence", &why);
+            return Ok(());
+        }
+    };
+    let on_cpu = opts.device == Device::Cpu;
     let which: Vec<String> = env::var("WHICH")
         .unwrap_or_else(|_| "dense,sjlt,exact,grads,projection,matmul".into())
         .split(',')
         .map(|s| s.trim().to_string())
+        // The projection and matmul references measure the CPU's kernels.
+        .filter(|w| on_cpu || !matches!(w.as_str(), "projection" | "matmul"))
         .collect();
     let has = |w: &str| which.iter().any(|x| x == w);
     let reps = env_usize("REPS");
@@ -479,13 +509,19 @@ fn json_mode() -> Result<(), String> {
     };
     put("side", json!("optimsyn"));
     put("threads", json!(n));
+    put("device", json!(device));
+    put("dtype", json!(dtype));
     put("candidates", json!(s.candidates));
     put("candidate_tokens", json!(s.cand_len));
     put("k", json!(s.k));
     let needs_setup = ["prepare", "dense", "sjlt", "exact", "grads", "projection"]
         .iter()
         .any(|w| has(w));
-    let st = if needs_setup { Some(setup(s)?) } else { None };
+    let st = if needs_setup {
+        Some(setup(s, opts)?)
+    } else {
+        None
+    };
     if let Some(st) = &st {
         put("model_dir", json!(st.model_dir.display().to_string()));
         put("work_dir", json!(st.work.display().to_string()));

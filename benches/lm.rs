@@ -22,6 +22,13 @@
 //! bootstrap` installs) into `$OPTIMSYN_CACHE/bench/` (else `$XDG_CACHE_HOME/optimsyn/bench/`, else
 //! `~/.cache/optimsyn/bench/`), and reused. `OPTIMSYN_BENCH_MODEL=DIR` uses a given folder instead.
 //!
+//! On a GPU (JSON mode only): `DEVICE=cuda` (or `cuda:N`) and `DTYPE=bf16` (or `f16`, `f32`, the
+//! default) load the model there; the forward, generation and token-choice parts run on it (every
+//! timed call ends by reading its results back, so the timings include the device's work), and
+//! the CPU references (matmul, matvec) are left out. Without a CUDA device it prints one line
+//! saying so and `{"side":"optimsyn","skipped":…}`, and exits 0. `OPTIMSYN_BENCH_MODEL=DIR` runs
+//! another model folder, e.g. the 0.5B shape of `make_bench_model.py --shape 0.5b`.
+//!
 //! Modes:
 //! - `cargo bench -p optimsyn-examples --bench lm`: criterion, full shapes.
 //! - `cargo test --all-targets` (criterion's test mode): each benchmark runs once on small shapes
@@ -43,7 +50,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use optimsyn_examples::bench::{matmul_operands, proc_status_mib, round, threads};
+use optimsyn_examples::bench::{
+    Placement, matmul_operands, placement, print_skip, proc_status_mib, round, threads,
+};
 use optimsyn_lm::{CausalLm, LoadOptions, RowRng, SamplingParams, row_key, sample, sample_rows};
 use tch::{Device, Kind, Tensor};
 
@@ -103,14 +112,14 @@ struct Bench {
     vocab: i64,
 }
 
-fn load(s: Shapes) -> Result<Bench, String> {
+fn load(s: Shapes, opts: LoadOptions) -> Result<Bench, String> {
     let dir = if s.bench_model {
         optimsyn_examples::bench_model_dir()?
     } else {
         optimsyn_examples::tiny_model_dir()
     };
-    let model = CausalLm::load(&dir, LoadOptions::default())
-        .map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let model =
+        CausalLm::load(&dir, opts).map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let params = model
         .named_parameters()
         .iter()
@@ -128,7 +137,7 @@ fn load(s: Shapes) -> Result<Bench, String> {
 /// The model, loaded on first use (so that `--list` or a filter that skips every model benchmark
 /// neither writes nor loads it).
 fn bench_model(cell: &OnceCell<Bench>, s: Shapes) -> &Bench {
-    cell.get_or_init(|| load(s).unwrap_or_else(|e| panic!("{e}")))
+    cell.get_or_init(|| load(s, LoadOptions::default()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// `rows` rows of `len` seeded random ids in `[3, vocab)`.
@@ -201,9 +210,10 @@ fn sample_on_host(lp: &Tensor) -> Vec<usize> {
         .collect()
 }
 
-/// The same choice with `sample_rows` (tensor ops on the log-probs' device).
-fn sample_on_device(lp: &Tensor, u: &Tensor) -> Tensor {
-    sample_rows(lp, 0, 1.0, u).expect("sample_rows")
+/// The same choice with `sample_rows` (tensor ops on the log-probs' device), read back.
+fn sample_on_device(lp: &Tensor, u: &Tensor) -> Vec<i64> {
+    let t = sample_rows(lp, 0, 1.0, u).expect("sample_rows");
+    Vec::<i64>::try_from(&t).expect("read back")
 }
 
 /// Weight matrices as one batch-1 decode step reads them: every 2-D weight of the model (the tied
@@ -435,10 +445,24 @@ impl std::fmt::Display for Obj {
 }
 
 fn json_mode() -> Result<(), String> {
+    let (opts, device, dtype) = match placement()? {
+        Placement::Run {
+            load,
+            device,
+            dtype,
+        } => (load, device, dtype),
+        Placement::Skip(why) => {
+            print_skip("lm", &why);
+            return Ok(());
+        }
+    };
+    let on_cpu = opts.device == Device::Cpu;
     let which: Vec<String> = env::var("WHICH")
         .unwrap_or_else(|_| "forward,generate,matmul,matvec".into())
         .split(',')
         .map(|s| s.trim().to_string())
+        // The matmul and matrix-vector references measure the CPU's arithmetic and memory.
+        .filter(|w| on_cpu || !matches!(w.as_str(), "matmul" | "matvec" | "linears"))
         .collect();
     let has = |w: &str| which.iter().any(|x| x == w);
     let reps: Option<usize> = env::var("REPS").ok().and_then(|r| r.parse().ok());
@@ -451,6 +475,8 @@ fn json_mode() -> Result<(), String> {
     let mut out = Obj::default();
     out.insert("side", J::from("optimsyn"));
     out.insert("threads", J::from(n));
+    out.insert("device", J::from(device));
+    out.insert("dtype", J::from(dtype));
     if has("prepare") {
         out.insert(
             "model_dir",
@@ -466,7 +492,11 @@ fn json_mode() -> Result<(), String> {
     let _guard = tch::no_grad_guard();
     let needs_model =
         has("load") || has("forward") || has("generate") || has("matvec") || has("linears");
-    let b = if needs_model { Some(load(FULL)?) } else { None };
+    let b = if needs_model {
+        Some(load(FULL, opts)?)
+    } else {
+        None
+    };
     if let Some(b) = &b {
         out.insert("model_dir", J::from(b.dir.display().to_string()));
         out.insert("params", J::from(b.params));
@@ -518,16 +548,17 @@ fn json_mode() -> Result<(), String> {
     }
     if has("sample") {
         let (lp, u) = sample_inputs(s.sample);
+        let (lp, u) = (lp.to_device(opts.device), u.to_device(opts.device));
         let host = sample_on_host(&lp);
-        let device = Vec::<i64>::try_from(&sample_on_device(&lp, &u)).unwrap_or_default();
-        let same = host.iter().zip(&device).all(|(a, &b)| *a as i64 == b);
+        let chosen = sample_on_device(&lp, &u);
+        let same = host.iter().zip(&chosen).all(|(a, &b)| *a as i64 == b);
         out.insert("sample_shape", J::from([s.sample.0, s.sample.1]));
         out.insert("sample_same_tokens", J::from(i64::from(same)));
         let t_host = best_of(reps.unwrap_or(10), || {
             black_box(sample_on_host(&lp));
         });
         let t_rows = best_of(reps.unwrap_or(10), || {
-            let _ = black_box(sample_on_device(&lp, &u));
+            black_box(sample_on_device(&lp, &u));
         });
         out.insert("sample_host_ms", J::from(round(t_host * 1e3, 3)));
         out.insert("sample_rows_ms", J::from(round(t_rows * 1e3, 3)));
