@@ -19,8 +19,13 @@ use std::process::Command;
 
 pub use lm_policy::{LmPolicy, LmPolicyError};
 
-/// The repository's root folder.
+/// The repository's root folder: `OPTIMSYN_WORKSPACE` when set (a bench binary carried to a machine
+/// where the checkout lives elsewhere, e.g. a GPU machine without cargo), else the checkout it was
+/// built in.
 pub fn workspace_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("OPTIMSYN_WORKSPACE") {
+        return PathBuf::from(dir);
+    }
     // This package is `crates/examples`.
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     here.ancestors()

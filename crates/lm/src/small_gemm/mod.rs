@@ -1,4 +1,5 @@
-//! `x Wᵀ` for one to eight rows of `x` on an AVX-512 CPU, for decoding without gradients.
+//! `x Wᵀ` for one to eight rows of `x` on an AVX-512 CPU (or an AMD one with AVX2), for decoding
+//! without gradients.
 //!
 //! MKL's sgemm at a handful of rows (batched decoding, the GRPO rollout's late steps) computes
 //! each weight matrix at ~20 GFLOP/s per core because the weights it streams are not prefetched
@@ -11,9 +12,10 @@
 //!
 //! Threads come from the OpenMP runtime libtorch itself runs on (`GOMP_parallel`, found at run
 //! time), so the kernel and libtorch's own ops share one pool instead of two sets of threads
-//! spinning against each other on few cores. Where that runtime or AVX-512 is missing, or
-//! gradients are needed, [`linear`] returns `None` and the caller uses libtorch;
-//! `OPTIMSYN_SMALL_GEMM=off` does that always, `=avx2` opts into the AVX2 + FMA variant.
+//! spinning against each other on few cores. Where that runtime or the vector extension is
+//! missing (AVX-512; on AMD CPUs AVX2 + FMA will do), or gradients are needed, [`linear`] returns
+//! `None` and the caller uses libtorch; `OPTIMSYN_SMALL_GEMM=off` does that always, `=avx2` runs
+//! the AVX2 + FMA variant on any CPU that has it.
 
 use tch::{Device, Kind, Tensor};
 
@@ -32,7 +34,7 @@ type TchResult<T> = std::result::Result<T, tch::TchError>;
 pub(crate) const MAX_ROWS: i64 = 8;
 
 /// `x Wᵀ + b` for `x` `[…, in]` with at most [`MAX_ROWS`] rows, or `None` when this path does not
-/// apply (not an AVX-512 CPU, not f32 on the CPU, gradients required, odd layouts).
+/// apply (no kernel for this CPU, not f32 on the CPU, gradients required, odd layouts).
 pub(crate) fn linear(
     x: &Tensor,
     weight: &Tensor,

@@ -1,5 +1,5 @@
-//! Which kernel runs (AVX-512, or AVX2 + FMA by opt-in), and the threaded driver that splits the
-//! output rows over libgomp's threads.
+//! Which kernel runs (AVX-512, or AVX2 + FMA), and the threaded driver that splits the output rows
+//! over libgomp's threads.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -14,13 +14,13 @@ use super::{MAX_ROWS, TchResult, applies};
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub(super) enum Isa {
     Avx512,
-    /// AVX2 with FMA (8 lanes, 16 registers), opt-in: CPUs without AVX-512 (AMD before Zen 4).
+    /// AVX2 with FMA (8 lanes, 16 registers): AMD CPUs without AVX-512 (before Zen 4).
     Avx2,
 }
 
 /// `OPTIMSYN_SMALL_GEMM=off` uses libtorch for every row count, `avx2` the AVX2 variant
-/// (wherever the CPU has AVX2 + FMA); anything else (or unset) the AVX-512 one where the CPU
-/// has it. Read once.
+/// (wherever the CPU has AVX2 + FMA); anything else (or unset) picks per CPU (see [`isa`]).
+/// Read once.
 const ENV: &str = "OPTIMSYN_SMALL_GEMM";
 
 fn isa() -> Option<Isa> {
@@ -33,11 +33,26 @@ fn isa() -> Option<Isa> {
             Some("avx2") => return avx2.then_some(Isa::Avx2),
             _ => {}
         }
-        // AVX2 is opt-in: on this AVX-512 machine it decoded no faster than MKL at 8 rows
-        // and slower at one (it has half the registers for the tile), so by default
-        // AVX2-only CPUs keep MKL until the variant is measured on one.
-        std::arch::is_x86_feature_detected!("avx512f").then_some(Isa::Avx512)
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(Isa::Avx512);
+        }
+        // Without AVX-512: on an AMD core limited to AVX2 (libtorch, MKL and this kernel), the
+        // AVX2 variant decoded the bench model 2.3x as fast as MKL at batch 1 and 1.8x at batch
+        // 8 (docs/PERFORMANCE.md), MKL's small-row kernels being slow on AMD. On Intel, against
+        // an AVX-512 MKL, it was no faster at 8 rows and slower at one, and no AVX2-only Intel
+        // was measured, so there MKL stays.
+        (avx2 && amd_cpu()).then_some(Isa::Avx2)
     })
+}
+
+/// An AMD (or Hygon, the same cores) CPU, from CPUID's vendor string.
+fn amd_cpu() -> bool {
+    let id = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    matches!(vendor.as_slice(), b"AuthenticAMD" | b"HygonGenuine")
 }
 
 pub(super) fn linear(
@@ -228,5 +243,19 @@ impl Job {
             (Isa::Avx2, 7) => go!(block2, 7, 1, true),
             (Isa::Avx2, _) => go!(block2, 8, 1, true),
         }
+    }
+}
+
+#[cfg(test)]
+mod vendor_tests {
+    #[test]
+    fn the_vendor_is_the_one_the_kernel_reports() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return; // not Linux: nothing to compare with
+        };
+        let listed = info.lines().any(|l| {
+            l.starts_with("vendor_id") && (l.contains("AuthenticAMD") || l.contains("HygonGenuine"))
+        });
+        assert_eq!(super::amd_cpu(), listed);
     }
 }
