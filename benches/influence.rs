@@ -62,9 +62,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use optimsyn_data_io::{ChatExample, ChatFormat, read_jsonl};
-use optimsyn_examples::bench::{
-    Placement, matmul_operands, placement, print_skip, proc_status_mib, round, threads,
-};
+use optimsyn_examples::bench::{matmul_operands, placement, proc_status_mib, round, threads};
 use optimsyn_influence::{InfluenceScorer, Projector, ProjectorKind, ScoreConfig, gradients};
 use optimsyn_lm::sft::{self, ScheduleKind, SftConfig};
 use optimsyn_lm::{
@@ -470,18 +468,10 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 fn json_mode() -> Result<(), String> {
-    let (opts, device, dtype) = match placement()? {
-        Placement::Run {
-            load,
-            device,
-            dtype,
-        } => (load, device, dtype),
-        Placement::Skip(why) => {
-            print_skip("influence", &why);
-            return Ok(());
-        }
+    let Some(place) = placement("influence")? else {
+        return Ok(());
     };
-    let on_cpu = opts.device == Device::Cpu;
+    let (opts, on_cpu) = (place.load, place.on_cpu());
     let which: Vec<String> = env::var("WHICH")
         .unwrap_or_else(|_| "dense,sjlt,exact,grads,projection,matmul".into())
         .split(',')
@@ -509,8 +499,8 @@ fn json_mode() -> Result<(), String> {
     };
     put("side", json!("optimsyn"));
     put("threads", json!(n));
-    put("device", json!(device));
-    put("dtype", json!(dtype));
+    put("device", json!(place.device));
+    put("dtype", json!(place.dtype));
     put("candidates", json!(s.candidates));
     put("candidate_tokens", json!(s.cand_len));
     put("k", json!(s.k));

@@ -50,9 +50,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use optimsyn_examples::bench::{
-    Placement, matmul_operands, placement, print_skip, proc_status_mib, round, threads,
-};
+use optimsyn_examples::bench::{matmul_operands, placement, proc_status_mib, round, threads};
 use optimsyn_lm::{CausalLm, LoadOptions, RowRng, SamplingParams, row_key, sample, sample_rows};
 use tch::{Device, Kind, Tensor};
 
@@ -445,18 +443,10 @@ impl std::fmt::Display for Obj {
 }
 
 fn json_mode() -> Result<(), String> {
-    let (opts, device, dtype) = match placement()? {
-        Placement::Run {
-            load,
-            device,
-            dtype,
-        } => (load, device, dtype),
-        Placement::Skip(why) => {
-            print_skip("lm", &why);
-            return Ok(());
-        }
+    let Some(place) = placement("lm")? else {
+        return Ok(());
     };
-    let on_cpu = opts.device == Device::Cpu;
+    let (opts, on_cpu) = (place.load, place.on_cpu());
     let which: Vec<String> = env::var("WHICH")
         .unwrap_or_else(|_| "forward,generate,matmul,matvec".into())
         .split(',')
@@ -475,8 +465,8 @@ fn json_mode() -> Result<(), String> {
     let mut out = Obj::default();
     out.insert("side", J::from("optimsyn"));
     out.insert("threads", J::from(n));
-    out.insert("device", J::from(device));
-    out.insert("dtype", J::from(dtype));
+    out.insert("device", J::from(place.device));
+    out.insert("dtype", J::from(place.dtype));
     if has("prepare") {
         out.insert(
             "model_dir",

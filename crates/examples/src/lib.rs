@@ -170,49 +170,52 @@ pub mod bench {
     /// Where a JSON-mode benchmark runs, from `DEVICE` (`cpu`, `cuda`, `cuda:N`; default `cpu`) and
     /// `DTYPE` (`f32`, `bf16`, `f16`; default `f32`), named as the CLI names them.
     #[derive(Debug)]
-    pub enum Placement {
-        /// Load the models with these options.
-        Run {
-            /// Device and kind for [`optimsyn_lm::CausalLm::load`].
-            load: optimsyn_lm::LoadOptions,
-            /// `DEVICE` as given (`cpu` when unset).
-            device: String,
-            /// `DTYPE` as given (`f32` when unset).
-            dtype: String,
-        },
-        /// CUDA was asked for and this process has none: why, in one line.
-        Skip(String),
+    pub struct Placement {
+        /// Device and kind for [`optimsyn_lm::CausalLm::load`].
+        pub load: optimsyn_lm::LoadOptions,
+        /// `DEVICE` as given (`cpu` when unset).
+        pub device: String,
+        /// `DTYPE` as given (`f32` when unset).
+        pub dtype: String,
+    }
+
+    impl Placement {
+        /// On the CPU (where the CPU-only reference measurements make sense).
+        pub fn on_cpu(&self) -> bool {
+            self.load.device == tch::Device::Cpu
+        }
     }
 
     /// Reads `DEVICE` and `DTYPE` (see [`Placement`]); a bad name is an error naming the variable.
-    pub fn placement() -> Result<Placement, String> {
+    /// When CUDA is asked for and this process has none, bench `name` is skipped: one line on
+    /// stderr, `{"side":"optimsyn","skipped":REASON}` on stdout, and `Ok(None)`.
+    pub fn placement(name: &str) -> Result<Option<Placement>, String> {
         use optimsyn_pipeline::{DeviceName, Dtype};
         let device = env::var("DEVICE").unwrap_or_else(|_| "cpu".into());
         let dtype = env::var("DTYPE").unwrap_or_else(|_| "f32".into());
-        let name: DeviceName = device
+        let parsed: DeviceName = device
             .parse()
             .map_err(|e| format!("DEVICE={device}: {e}"))?;
         let kind = dtype
             .parse::<Dtype>()
             .map_err(|e| format!("DTYPE={dtype}: {e}"))?
             .kind();
-        match name.resolve() {
-            Ok(d) => Ok(Placement::Run {
+        match parsed.resolve() {
+            Ok(d) => Ok(Some(Placement {
                 load: optimsyn_lm::LoadOptions { kind, device: d },
                 device,
                 dtype,
-            }),
-            Err(e) => Ok(Placement::Skip(e.to_string())),
+            })),
+            Err(e) => {
+                let reason = e.to_string();
+                eprintln!("{name} bench: skipped: {reason}");
+                println!(
+                    "{}",
+                    serde_json::json!({"side": "optimsyn", "skipped": reason})
+                );
+                Ok(None)
+            }
         }
-    }
-
-    /// The JSON object and stderr line of a benchmark skipped for want of a device.
-    pub fn print_skip(name: &str, reason: &str) {
-        eprintln!("{name} bench: skipped: {reason}");
-        println!(
-            "{}",
-            serde_json::json!({"side": "optimsyn", "skipped": reason})
-        );
     }
 
     /// `x` rounded to `digits` decimals, for the JSON figures.
