@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::common::{MODEL, load_model, post_to, prompts, start_server};
 
 /// A PEFT adapter folder for the tiny model whose B matrices are not zero, so it changes outputs.
-fn write_adapter(dir: &Path, seed: u64) {
+pub(crate) fn write_adapter(dir: &Path, seed: u64) {
     let (mut model, _) = load_model();
     let config = LoraConfig {
         r: 4,
