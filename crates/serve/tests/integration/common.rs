@@ -56,3 +56,19 @@ pub fn post_to(server: &ServerHandle, path: &str, body: &Value) -> (u16, String)
         r.body_mut().read_to_string().expect("body"),
     )
 }
+
+/// The ids of a completion's `tokens` array when they came as `token_id:N`
+/// (`return_tokens_as_token_ids`).
+pub fn token_ids_of(tokens: &Value) -> Vec<u32> {
+    tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| {
+            let t = t.as_str().expect("string");
+            t.strip_prefix("token_id:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a token id: {t}"))
+        })
+        .collect()
+}

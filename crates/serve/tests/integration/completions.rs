@@ -6,7 +6,7 @@ use optimsyn_serve::{ServeConfig, ServerHandle};
 use optimsyn_synth::{stop_tokens, stream_key};
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, load_model, post_to as post, start_server};
+use crate::common::{MODEL, load_model, post_to as post, start_server, token_ids_of};
 
 fn complete(server: &ServerHandle, body: Value) -> Value {
     let (status, text) = post(server, "completions", &body);
@@ -15,17 +15,7 @@ fn complete(server: &ServerHandle, body: Value) -> Value {
 }
 
 fn token_ids(choice: &Value) -> Vec<u32> {
-    choice["logprobs"]["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|t| {
-            let t = t.as_str().expect("string");
-            t.strip_prefix("token_id:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("not a token id: {t}"))
-        })
-        .collect()
+    token_ids_of(&choice["logprobs"]["tokens"])
 }
 
 fn logprobs(choice: &Value) -> Vec<f32> {

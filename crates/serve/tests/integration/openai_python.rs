@@ -16,7 +16,7 @@ use optimsyn_serve::ServeConfig;
 use optimsyn_synth::{ChatPrompt, GenerationParams, Generator, stop_tokens, stream_key};
 use serde_json::{Value, json};
 
-use crate::common::{MODEL, load_model, local, prompts, start_server};
+use crate::common::{MODEL, load_model, local, prompts, start_server, token_ids_of};
 use crate::lora::write_adapter;
 
 /// Runs `tests/SCRIPT` with `OPTIMSYN_PYTHON` (else `python3`) on loopback only; its JSON output.
@@ -104,19 +104,9 @@ fn the_openai_package_works_against_the_server() {
     server.shutdown();
 }
 
-/// Token ids of a completion choice whose tokens came as `token_id:N`.
+/// Token ids of a choice as the script writes it (`tokens` as `token_id:N`).
 fn token_ids(choice: &Value) -> Vec<u32> {
-    choice["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|t| {
-            let t = t.as_str().expect("string");
-            t.strip_prefix("token_id:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("not a token id: {t}"))
-        })
-        .collect()
+    token_ids_of(&choice["tokens"])
 }
 
 #[test]
